@@ -1,0 +1,610 @@
+"""The typed experiment config: nested frozen dataclasses, strict load and dump.
+
+One :class:`ExperimentConfig` flows everywhere: the search proposes values by their dotted
+path (``quant.act.bits``), each trial rebuilds and validates the full config, MLflow params
+and the leaderboard use the same names, and export writes the same config for production.
+
+Machine settings (device, output directory, tracking URI, Ray address) are *not* part of it;
+they live in :class:`Runtime` so an exported config carries no machine's paths.
+
+Strictness: an unknown key names the closest valid one; a value out of range names the field,
+the value and what is allowed. ``from_dict(to_dict(cfg)) == cfg`` holds for every config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from granq_search.errors import ConfigError
+
+__all__ = [
+    "ActQuantConfig",
+    "WeightQuantConfig",
+    "LayerOverride",
+    "QuantConfig",
+    "ModelConfig",
+    "DataConfig",
+    "GeneratorConfig",
+    "LossConfig",
+    "StudentOptimConfig",
+    "GeneratorOptimConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "Runtime",
+    "CONFIG_VERSION",
+    "from_dict",
+    "to_dict",
+    "flatten",
+    "get_path",
+    "with_overrides",
+    "parse_set_args",
+    "load_config",
+    "dump_config",
+    "preset_path",
+    "list_presets",
+]
+
+CONFIG_VERSION = 1
+
+ActGranularityName = Literal["per_tensor", "per_channel", "per_sample_channel", "threshold"]
+WeightGranularityName = Literal["per_tensor", "per_channel", "per_kernel"]
+RangeMode = Literal["dynamic", "static"]
+
+
+def _require(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(message, field=field_name)
+
+
+def _bits(value: int, name: str) -> None:
+    _require(2 <= value <= 8, name, f"{value} bits is out of range; allowed 2..8")
+
+
+def _positive(value: float, name: str) -> None:
+    _require(math.isfinite(value) and value > 0, name, f"{value} must be a finite number > 0")
+
+
+def _non_negative(value: float, name: str) -> None:
+    _require(math.isfinite(value) and value >= 0, name, f"{value} must be a finite number >= 0")
+
+
+class _Section:
+    """Base of every config section: checks Literal fields, then the section's own rules."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            hint = hints[f.name]
+            for lit in _literals(hint):
+                if value not in typing.get_args(lit) and not (value is None and _is_optional(hint)):
+                    allowed = ", ".join(repr(a) for a in typing.get_args(lit))
+                    raise ConfigError(f"{value!r} is not allowed; choose one of {allowed}", field=f.name)
+        self._validate()
+
+    def _validate(self) -> None:  # pragma: no cover - overridden where there are rules
+        pass
+
+
+def _literals(hint: Any) -> list[Any]:
+    if typing.get_origin(hint) is Literal:
+        return [hint]
+    return [a for a in typing.get_args(hint) if typing.get_origin(a) is Literal]
+
+
+def _is_optional(hint: Any) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+@dataclass(frozen=True)
+class ActQuantConfig(_Section):
+    """Activation quantizers, one at the output of every ReLU/ReLU6 call site."""
+
+    bits: int = 4
+    """Bit-width, 2..8 (asymmetric, integer zero point)."""
+    granularity: ActGranularityName = "per_sample_channel"
+    """per_tensor: one range per layer; per_channel: one per channel over the batch;
+    per_sample_channel: GranQ, one per (sample, channel); threshold: chosen per site by tau."""
+    threshold: float = 0.5
+    """tau in [0, 1] for granularity 'threshold': a site is fine-grained when the relative MSE
+    reduction of per-(sample, channel) over per-tensor is at least tau."""
+    range_mode: RangeMode = "dynamic"
+    """dynamic: min/max recomputed on every forward; static: calibrated then frozen."""
+
+    def _validate(self) -> None:
+        _bits(self.bits, "bits")
+        _require(0.0 <= self.threshold <= 1.0, "threshold", f"{self.threshold} is outside [0, 1]")
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig(_Section):
+    """Weight quantizers for every Conv2d and Linear."""
+
+    bits: int = 4
+    granularity: WeightGranularityName = "per_channel"
+    """per_channel: one range per output channel; per_kernel: one per (out, in) kernel, 1x1
+    kernels fall back to per output channel (reported); per_tensor: one per layer."""
+    symmetric: bool = False
+
+
+@dataclass(frozen=True)
+class LayerOverride(_Section):
+    """Per-layer exception matched on module names with fnmatch (``conv1``, ``layer3.*``)."""
+
+    pattern: str = ""
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    weight_granularity: WeightGranularityName | None = None
+    act_granularity: ActGranularityName | None = None
+    quantize: bool = True
+    """False leaves matching layers (and the activations after them) in full precision."""
+
+    def _validate(self) -> None:
+        _require(bool(self.pattern), "pattern", "an override needs a non-empty module-name pattern")
+        if self.weight_bits is not None:
+            _bits(self.weight_bits, "weight_bits")
+        if self.act_bits is not None:
+            _bits(self.act_bits, "act_bits")
+
+
+@dataclass(frozen=True)
+class QuantConfig(_Section):
+    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    act: ActQuantConfig = field(default_factory=ActQuantConfig)
+    overrides: tuple[LayerOverride, ...] = ()
+    calib_batches: int = 4
+    """Generated (or, for post-training evaluation, validation) batches used for static-range
+    calibration and threshold selection."""
+
+    def _validate(self) -> None:
+        _require(self.calib_batches >= 1, "calib_batches", f"{self.calib_batches} must be >= 1")
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    name: str = "digits_cnn"
+    """Registry name (``python tune_main.py evaluate --list-models``)."""
+    num_classes: int = 10
+    checkpoint: str | None = None
+    """Local checkpoint file; None: the registry's source (pretrained download when online,
+    or the on-the-spot trained digits teacher)."""
+    pretrained: bool = True
+    """Fetch published weights when no checkpoint is given (needs network for most models)."""
+    mean: tuple[float, ...] | None = None
+    """Input normalisation the teacher was trained with; None: the registry entry's."""
+    std: tuple[float, ...] | None = None
+    image_size: int | None = None
+
+    def _validate(self) -> None:
+        _require(bool(self.name), "name", "a model name is required")
+        _require(self.num_classes >= 2, "num_classes", f"{self.num_classes} must be >= 2")
+        if self.std is not None:
+            _require(all(s > 0 for s in self.std), "std", "every std must be > 0")
+        if self.image_size is not None:
+            _require(self.image_size >= 4, "image_size", f"{self.image_size} must be >= 4")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
+    root: str | None = None
+    """Data directory (CIFAR root, image folder, ImageNet val folder); unused for digits."""
+    download: bool = False
+    """Download CIFAR when missing (needs network)."""
+    val_fraction: float = 0.5
+    """Share of the labelled evaluation data used for validation (model selection); the rest
+    is the test split, reported and never used for any choice."""
+    split_seed: int = 0
+    max_samples: int | None = None
+    """Cap on evaluation images before splitting (quick runs); None: all."""
+    batch_size: int = 256
+    num_workers: int = 0
+
+    def _validate(self) -> None:
+        _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"{self.val_fraction} must be in (0, 1)")
+        _require(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
+        _require(self.num_workers >= 0, "num_workers", f"{self.num_workers} must be >= 0")
+        if self.max_samples is not None:
+            _require(self.max_samples >= 2, "max_samples", f"{self.max_samples} must be >= 2")
+
+
+# --------------------------------------------------------------------------- generator and losses
+
+
+@dataclass(frozen=True)
+class GeneratorConfig(_Section):
+    kind: Literal["auto", "embedding", "cbn"] = "auto"
+    """embedding: label embedding times noise (CIFAR); cbn: class-conditional BN (ImageNet);
+    auto: cbn for images of 64 px and more."""
+    latent_dim: int = 100
+    channels: int = 128
+    bn_eps: float = 1e-5
+    """BatchNorm epsilon (the public code passes 0.8 here by mistake)."""
+
+    def _validate(self) -> None:
+        _require(self.latent_dim >= 1, "latent_dim", f"{self.latent_dim} must be >= 1")
+        _require(self.channels >= 4, "channels", f"{self.channels} must be >= 4")
+        _positive(self.bn_eps, "bn_eps")
+
+
+@dataclass(frozen=True)
+class LossConfig(_Section):
+    alpha_ds: float = 0.2
+    """Weight of the disagreement cross-entropy CE(z_T - z_S, y) in the generator loss."""
+    alpha_as: float = 0.1
+    """Weight of the agreement cross-entropy CE(z_T + z_S, y) in the generator loss."""
+    beta: float = 1.0
+    """Weight of the (alpha_ds, alpha_as) cross-entropy block."""
+    gamma: float = 1.0
+    """Weight of the BN-statistics loss."""
+    lambda_l: float = 0.1
+    """Lower margin on the normalised entropy of softmax(z_T - z_S)."""
+    lambda_u: float = 0.8
+    """Upper margin on the normalised entropy."""
+    student_loss: Literal["entropy", "kl"] = "entropy"
+    """entropy: the public recipe, -T^2 * entropy(softmax((z_T - z_S)/T)); kl: distillation."""
+    temperature: float = 20.0
+
+    def _validate(self) -> None:
+        for name in ("alpha_ds", "alpha_as", "beta", "gamma"):
+            _non_negative(getattr(self, name), name)
+        _require(0.0 <= self.lambda_l <= 1.0, "lambda_l", f"{self.lambda_l} is outside [0, 1]")
+        _require(0.0 <= self.lambda_u <= 1.0, "lambda_u", f"{self.lambda_u} is outside [0, 1]")
+        _require(self.lambda_l <= self.lambda_u, "lambda_l", "must not exceed lambda_u")
+        _positive(self.temperature, "temperature")
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+@dataclass(frozen=True)
+class StudentOptimConfig(_Section):
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = True
+
+    def _validate(self) -> None:
+        _positive(self.lr, "lr")
+        _require(0.0 <= self.momentum < 1.0, "momentum", f"{self.momentum} must be in [0, 1)")
+        _non_negative(self.weight_decay, "weight_decay")
+        _require(not self.nesterov or self.momentum > 0, "nesterov", "Nesterov needs momentum > 0")
+
+
+@dataclass(frozen=True)
+class GeneratorOptimConfig(_Section):
+    lr: float = 1e-3
+    beta1: float = 0.5
+    beta2: float = 0.999
+
+    def _validate(self) -> None:
+        _positive(self.lr, "lr")
+        _require(0.0 <= self.beta1 < 1.0, "beta1", f"{self.beta1} must be in [0, 1)")
+        _require(0.0 <= self.beta2 < 1.0, "beta2", f"{self.beta2} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    student: StudentOptimConfig = field(default_factory=StudentOptimConfig)
+    generator: GeneratorOptimConfig = field(default_factory=GeneratorOptimConfig)
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: tuple[int, ...] = (100,)
+    """Epochs (counted from the start of training, warm-up included) at which multistep
+    multiplies both learning rates by lr_decay."""
+    lr_decay: float = 0.1
+
+    def _validate(self) -> None:
+        _require(all(m >= 1 for m in self.milestones), "milestones", "epochs must be >= 1")
+        _require(list(self.milestones) == sorted(self.milestones), "milestones", "must be increasing")
+        _require(0.0 < self.lr_decay <= 1.0, "lr_decay", f"{self.lr_decay} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    epochs: int = 200
+    """Total epochs, warm-up included."""
+    warmup_epochs: int = 4
+    """Leading epochs in which only the generator learns."""
+    iters_per_epoch: int = 200
+    batch_size: int = 32
+    """Generated images per iteration."""
+    student_bn: Literal["eval", "train"] = "eval"
+    """eval: the published recipe (student BN keeps the teacher's running statistics)."""
+    seed: int = 0
+    grad_clip: float | None = None
+    """Clip the global gradient norm of each network (None: no clipping)."""
+
+    def _validate(self) -> None:
+        _require(self.epochs >= 1, "epochs", f"{self.epochs} must be >= 1")
+        _require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+                 f"{self.warmup_epochs} must be in [0, epochs) = [0, {self.epochs})")
+        _require(self.iters_per_epoch >= 1, "iters_per_epoch", f"{self.iters_per_epoch} must be >= 1")
+        _require(self.batch_size >= 2, "batch_size", f"{self.batch_size} must be >= 2")
+        if self.grad_clip is not None:
+            _positive(self.grad_clip, "grad_clip")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(_Section):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Machine settings, kept apart from the experiment."""
+
+    device: str = "auto"
+    output_dir: str = "runs"
+    num_threads: int | None = None
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- strict load / dump
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(a, value, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{value!r} is not allowed; choose one of {allowed}", field=path)
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected a list, got {value!r}", field=path)
+        item = args[0]
+        return tuple(_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _from_mapping(hint, value, path + ".")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"expected true or false, got {value!r}", field=path)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"expected an integer, got {value!r}", field=path)
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"expected a number, got {value!r}", field=path) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"expected a number, got {value!r}", field=path)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {value!r}", field=path)
+        return value
+    raise ConfigError(f"unsupported type {_type_name(hint)}", field=path)  # pragma: no cover
+
+
+def _from_mapping(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix[:-1] or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping of fields, got {data!r}", field=where)
+    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if e.field is not None and not e.field.startswith(prefix):
+            raise ConfigError(e.bare, field=f"{prefix}{e.field}") from None
+        raise
+
+
+def from_dict(data: Mapping[str, Any] | None, cls: type = ExperimentConfig) -> Any:
+    """Build a config section from plain data, strictly (see module docstring)."""
+    return _from_mapping(cls, data, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, YAML/JSON-safe data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-path view: ``{"quant.act.bits": 4, ...}``; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = to_dict(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _field_hint(cls: type, path: str) -> Any:
+    hint: Any = cls
+    walked = []
+    for part in path.split("."):
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"'{'.'.join(walked)}' is a value, not a section", field=path)
+        hints = typing.get_type_hints(hint)
+        if part not in hints:
+            names = list(hints)
+            close = difflib.get_close_matches(part, names, n=1)
+            sect = ".".join(walked)
+            full = [f"{sect}.{c}" if sect else c for c in close]
+            tip = f"; did you mean '{full[0]}'?" if full else ""
+            raise ConfigError(f"'{path}' is not a config field{tip}")
+        hint = hints[part]
+        walked.append(part)
+    return hint
+
+
+def get_path(cfg: Any, path: str) -> Any:
+    _field_hint(type(cfg), path)
+    value = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_path(path: str, cls: type = ExperimentConfig) -> Any:
+    """Raise ConfigError unless ``path`` names a field; return its type hint."""
+    return _field_hint(cls, path)
+
+
+def with_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
+    """A new config with dotted-path values replaced, validated as a whole."""
+    data = to_dict(cfg)
+    for path, value in overrides.items():
+        _field_hint(type(cfg), path)
+        node = data
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = value
+    return from_dict(data, type(cfg))
+
+
+def parse_set_args(items: list[str] | None) -> dict[str, Any]:
+    """``["a.b=3", "c=[1, 2]"]`` -> ``{"a.b": 3, "c": [1, 2]}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE (for example quant.act.bits=3), got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}; quote strings, use [a, b] for lists") from None
+        out[key] = value
+    return out
+
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, list_presets(), n=1)
+        tip = f"; did you mean '{close[0]}'?" if close else f"; presets: {', '.join(list_presets())}"
+        raise ConfigError(f"no config file or preset named '{name}'{tip}")
+    return path
+
+
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file '{path}' does not exist; check the path")
+    try:
+        with p.open("r", encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} file '{path}' is not valid YAML{where}; fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file '{path}' is not a text file; pass a YAML file") from None
+
+
+def split_document(data: Any, source: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Split a config document into (experiment data, provenance or None).
+
+    A document is an experiment mapping, optionally with ``config_version`` and a free-form
+    ``provenance`` block (written by ``export``).
+    """
+    if data is None:
+        raise ConfigError(f"config file '{source}' is empty; start from a preset in granq_search/presets")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file '{source}' must hold a mapping of sections, not {type(data).__name__}")
+    data = dict(data)
+    version = data.pop("config_version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"config file '{source}' has config_version {version!r}; this granq_search reads {CONFIG_VERSION}")
+    provenance = data.pop("provenance", None)
+    return data, provenance
+
+
+def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Load a YAML file or a preset name, apply dotted overrides, validate strictly."""
+    src = str(source)
+    path = Path(src) if (src.endswith((".yaml", ".yml")) or Path(src).exists()) else preset_path(src)
+    data, _ = split_document(read_yaml(path), str(path))
+    cfg = from_dict(data)
+    return with_overrides(cfg, overrides) if overrides else cfg
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path | None = None,
+                provenance: Mapping[str, Any] | None = None) -> str:
+    """YAML text of a complete, versioned config; written atomically when ``path`` is given."""
+    doc: dict[str, Any] = {"config_version": CONFIG_VERSION, **to_dict(cfg)}
+    if provenance is not None:
+        doc["provenance"] = dict(provenance)
+    text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+    if path is not None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(p)
+    return text
