@@ -140,6 +140,9 @@ class WeightQuantConfig(_Section):
     kernels fall back to per output channel (reported); per_tensor: one per layer."""
     symmetric: bool = False
 
+    def _validate(self) -> None:
+        _bits(self.bits, "bits")
+
 
 @dataclass(frozen=True)
 class LayerOverride(_Section):

@@ -1,0 +1,96 @@
+"""``train``: run the generator + QAT pipeline on one config (a preset or an exported one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from granq_search.cli.common import (
+    add_config_flags,
+    add_format_flag,
+    add_runtime_flags,
+    config_from_args,
+    emit_json,
+    json_safe,
+    set_threads,
+)
+from granq_search.config import dump_config
+from granq_search.errors import GranqError
+from granq_search.pipeline.reporter import CompositeReporter, Reporter
+from granq_search.pipeline.terminal import TerminalReporter
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one configuration at full budget (production)",
+                       description="Run the GranQ generator + QAT pipeline. Writes the resolved config, "
+                       "per-epoch metrics (metrics.jsonl), final metrics (final.json), the final and "
+                       "best-validation students, and an epoch checkpoint for --resume.")
+    add_config_flags(p)
+    add_runtime_flags(p)
+    p.add_argument("--output-dir", default=None, help="run directory (default: runs/train/NAME-TIMESTAMP)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_format_flag(p)
+
+
+class _FileReporter(Reporter):
+    """Appends one JSON line per epoch to metrics.jsonl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_epoch_end(self, epoch, metrics, checkpoint):
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(json_safe(dict(metrics))) + "\n")
+
+
+def _default_dir(config: str) -> Path:
+    stem = Path(config).stem if config.endswith((".yaml", ".yml")) else config
+    return Path("runs") / "train" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from granq_search.pipeline.trainer import build_setup, run_training
+
+    set_threads(args.threads)
+    cfg = config_from_args(args)
+    out = Path(args.output_dir) if args.output_dir else _default_dir(args.config)
+    ckpt_dir = out / "checkpoints"
+    if args.resume and not (ckpt_dir / "last.pt").is_file():
+        raise GranqError(f"nothing to resume: '{ckpt_dir / 'last.pt'}' does not exist; drop --resume")
+    if not args.resume and out.exists() and any(out.iterdir()):
+        raise GranqError(f"output directory '{out}' is not empty; pass --resume to continue it or "
+                         "choose another --output-dir")
+    setup = build_setup(cfg, args.device)  # validates model, checkpoint and data before writing anything
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        dump_config(setup.cfg, out / "config.yaml")
+        reporters: list[Reporter] = [
+            _FileReporter(out / "metrics.jsonl"),
+            TerminalReporter(progress=not args.no_progress, epochs=setup.cfg.train.epochs,
+                             iters_per_epoch=setup.cfg.train.iters_per_epoch),
+        ]
+        result = run_training(setup.cfg, reporter=CompositeReporter(reporters), checkpoint_dir=ckpt_dir,
+                              resume=args.resume, setup=setup)
+    except BaseException:
+        if created and not (ckpt_dir / "last.pt").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping was written
+        raise
+    torch.save(result.student.state_dict(), out / "student_final.pt")
+    torch.save(result.best_student.state_dict(), out / "student_best.pt")
+    final = {k: v for k, v in result.metrics.items() if k != "history"}
+    final["output_dir"] = str(out)
+    final["checkpoint_sha256"] = setup.checkpoint_sha256
+    final["data"] = setup.data_meta
+    (out / "final.json").write_text(json.dumps(json_safe(final), indent=2) + "\n", encoding="utf-8")
+    if args.format == "json":
+        emit_json(final)
+    else:
+        print(f"run written to {out}")
+    return 0

@@ -1,0 +1,376 @@
+"""The GranQ zero-shot pipeline: a generator learns from the FP teacher, the quantized student
+learns from the generator's images by QAT (GRANQ.md section 3, without the public code's bugs).
+
+Honest evaluation: every choice (best epoch) is made on the validation split; the test split
+is only reported. This module imports neither Ray nor MLflow; it reports through
+:class:`~granq_search.pipeline.reporter.Reporter`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from granq_search.config import ExperimentConfig, flatten
+from granq_search.errors import GranqError
+from granq_search.generator import build_generator
+from granq_search.losses import bn_stats_recorder, bns_loss, generator_loss, student_loss
+from granq_search.pipeline.checkpoint import (
+    LAST,
+    load_training_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from granq_search.pipeline.evaluation import evaluate
+from granq_search.pipeline.reporter import NullReporter, Reporter, StopTraining
+from granq_search.pipeline.schedule import lr_factor
+from granq_search.quant import calibrate, efficiency, needs_calibration, prepare, site_report
+
+__all__ = ["run_training", "TrainingDiverged", "resolve_device", "resolve_config", "Setup", "build_setup", "TrainResult",
+           "measure_latency"]
+
+
+class TrainingDiverged(GranqError):
+    """A loss became NaN or infinite; the configuration is unusable as given."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: CUDA when present (the device Ray assigned, via CUDA_VISIBLE_DEVICES), else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GranqError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GranqError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Fill the model's normalisation and image size from the registry (recorded in the run)."""
+    from granq_search.models import model_info
+
+    info = model_info(cfg.model.name, cfg.model.num_classes)
+    model = replace(
+        cfg.model,
+        mean=cfg.model.mean if cfg.model.mean is not None else tuple(info.mean),
+        std=cfg.model.std if cfg.model.std is not None else tuple(info.std),
+        image_size=cfg.model.image_size if cfg.model.image_size is not None else info.image_size,
+    )
+    return replace(cfg, model=model)
+
+
+@dataclass
+class Setup:
+    """What a run needs before training: teacher, data and their reference accuracies."""
+
+    cfg: ExperimentConfig
+    device: torch.device
+    teacher: nn.Module
+    in_channels: int
+    val: Any
+    test: Any
+    data_meta: dict[str, Any]
+    checkpoint_sha256: str | None
+    teacher_val: dict[str, float]
+    teacher_test: dict[str, float]
+
+
+def build_setup(cfg: ExperimentConfig, device: str | torch.device = "auto", *,
+                teacher_state: Mapping[str, torch.Tensor] | None = None,
+                teacher_sha256: str | None = None) -> Setup:
+    """Build the teacher and the evaluation data and measure the teacher once.
+
+    ``teacher_state`` (from the search driver, through Ray's object store) skips loading or
+    training the teacher again in every trial.
+    """
+    from granq_search.data import build_eval_data
+    from granq_search.models import build_teacher, create_model
+
+    dev = resolve_device(device)
+    cfg = resolve_config(cfg)
+    if teacher_state is not None:
+        teacher = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
+        teacher.load_state_dict(teacher_state)
+        sha = teacher_sha256
+    else:
+        built = build_teacher(cfg.model, dev)
+        teacher, sha = built.model, built.checkpoint_sha256
+    teacher = teacher.to(dev).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    from granq_search.models import model_info
+
+    in_channels = model_info(cfg.model.name, cfg.model.num_classes).in_channels
+    data = build_eval_data(cfg.data, mean=cfg.model.mean, std=cfg.model.std,
+                           image_size=cfg.model.image_size, num_classes=cfg.model.num_classes)
+    return Setup(cfg=cfg, device=dev, teacher=teacher, in_channels=in_channels, val=data.val, test=data.test,
+                 data_meta=dict(data.meta), checkpoint_sha256=sha,
+                 teacher_val=evaluate(teacher, data.val, dev), teacher_test=evaluate(teacher, data.test, dev))
+
+
+def measure_latency(model: nn.Module, shape: tuple[int, ...], device: torch.device, repeats: int = 5) -> float:
+    """Median forward time in milliseconds for one batch of ``shape`` (after one warm-up run)."""
+    x = torch.zeros(shape, device=device)
+    was_training = model.training
+    model.eval()
+    times = []
+    with torch.no_grad():
+        model(x)
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    model.train(was_training)
+    return sorted(times)[len(times) // 2]
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    student: nn.Module
+    best_student: nn.Module
+    generator: nn.Module
+
+
+def ckpt_dir_has_last(checkpoint_dir: str | Path | None) -> bool:
+    return checkpoint_dir is not None and (Path(checkpoint_dir) / LAST).is_file()
+
+
+def _set_lr(opt: torch.optim.Optimizer, base: float, factor: float) -> float:
+    lr = base * factor
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _check_finite(value: torch.Tensor, what: str, epoch: int, iteration: int) -> None:
+    if not torch.isfinite(value):
+        raise TrainingDiverged(
+            f"training diverged: {what} is {value.item()} at epoch {epoch + 1}, iteration {iteration + 1}; "
+            "lower optim.student.lr / optim.generator.lr or raise the bit-widths")
+
+
+def _student_mode(student: nn.Module, bn_mode: str) -> None:
+    student.train(bn_mode == "train")
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    *,
+    device: str | torch.device = "auto",
+    reporter: Reporter | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    setup: Setup | None = None,
+) -> TrainResult:
+    """Run the generator + QAT pipeline; return the final metrics and the trained networks.
+
+    ``checkpoint_dir``: where ``last.pt`` is written after every epoch (atomically); with
+    ``resume=True`` training continues from it. Returns final metrics: validation and test
+    top-1 of the final student and of the best-validation student, the teacher's, drops
+    against full precision (points), efficiency figures and timings.
+    """
+    if not resume and ckpt_dir_has_last(checkpoint_dir):
+        raise GranqError(f"'{checkpoint_dir}' already holds a training checkpoint; pass --resume to "
+                         "continue it or choose another output directory")
+    reporter = reporter or NullReporter()
+    setup = setup or build_setup(cfg, device)
+    cfg, dev, teacher = setup.cfg, setup.device, setup.teacher
+    tc = cfg.train
+    num_classes, size, chans = cfg.model.num_classes, int(cfg.model.image_size), setup.in_channels
+    in_shape = (1, chans, size, size)
+
+    torch.manual_seed(tc.seed)
+    sampler = torch.Generator().manual_seed(tc.seed)
+    student = prepare(teacher, cfg.quant, example_input=torch.zeros(in_shape, device=dev)).to(dev)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    generator = build_generator(cfg.generator, num_classes=num_classes, image_size=size, channels=chans).to(dev)
+    opt_s = torch.optim.SGD(student.parameters(), lr=cfg.optim.student.lr, momentum=cfg.optim.student.momentum,
+                            weight_decay=cfg.optim.student.weight_decay, nesterov=cfg.optim.student.nesterov)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.generator.lr,
+                             betas=(cfg.optim.generator.beta1, cfg.optim.generator.beta2))
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(n, cfg.generator.latent_dim, generator=sampler)
+        y = torch.randint(0, num_classes, (n,), generator=sampler)
+        return z.to(dev), y.to(dev)
+
+    def calibrate_on_generator() -> list[dict[str, Any]]:
+        generator.eval()
+        with torch.no_grad():
+            batches = [generator(*sample(tc.batch_size)) for _ in range(cfg.quant.calib_batches)]
+        generator.train()
+        return calibrate(student, batches)
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start_epoch = 0
+    history: list[dict[str, float]] = []
+    best = {"val_top1": -1.0, "epoch": -1}
+    best_state: dict[str, torch.Tensor] | None = None
+    ptq: dict[str, float] = {}
+    resumed = False
+    if resume and ckpt_dir is not None and (ckpt_dir / LAST).is_file():
+        state = load_training_checkpoint(ckpt_dir / LAST)
+        student.load_state_dict(state["student"])
+        generator.load_state_dict(state["generator"])
+        opt_s.load_state_dict(state["opt_student"])
+        opt_g.load_state_dict(state["opt_generator"])
+        set_rng_state(state["rng"], sampler)
+        start_epoch = int(state["epoch"]) + 1
+        history = list(state["history"])
+        best = dict(state["best"])
+        best_state = state["best_student"]
+        ptq = dict(state["ptq"])
+        resumed = True
+    else:
+        if needs_calibration(student):
+            calibrate_on_generator()
+        ptq_val = evaluate(student, setup.val, dev)
+        ptq_test = evaluate(student, setup.test, dev)
+        ptq = {"ptq_val_top1": ptq_val["top1"], "ptq_test_top1": ptq_test["top1"]}
+
+    eff = efficiency(student, in_shape)
+    reporter.on_start({
+        "config": flatten(cfg),
+        "teacher_val_top1": setup.teacher_val["top1"],
+        "teacher_test_top1": setup.teacher_test["top1"],
+        "checkpoint_sha256": setup.checkpoint_sha256,
+        "data": setup.data_meta,
+        "efficiency": {k: v for k, v in eff.items() if not isinstance(v, (list, dict))},
+        "start_epoch": start_epoch,
+        "resumed": resumed,
+        **ptq,
+    })
+
+    t_start = time.perf_counter()
+    stopped_early = False
+    for epoch in range(start_epoch, tc.epochs):
+        t_epoch = time.perf_counter()
+        warm = epoch < tc.warmup_epochs
+        if epoch == tc.warmup_epochs and tc.warmup_epochs > 0 and needs_calibration(student):
+            calibrate_on_generator()  # ranges and thresholds from the warmed-up generator
+        _student_mode(student, tc.student_bn)
+        generator.train()
+        sums = {"g_total": 0.0, "g_margin": 0.0, "g_ce": 0.0, "g_bns": 0.0, "s_loss": 0.0}
+        lr_s = lr_g = 0.0
+        for it in range(tc.iters_per_epoch):
+            lr_g = _set_lr(opt_g, cfg.optim.generator.lr, lr_factor(cfg.optim, tc, epoch, it, student=False))
+            lr_s = _set_lr(opt_s, cfg.optim.student.lr, lr_factor(cfg.optim, tc, epoch, it, student=True))
+            z, y = sample(tc.batch_size)
+            images = generator(z, y)
+            with bn_stats_recorder(teacher) as stats:
+                z_t = teacher(images)
+            z_s = student(images)
+            loss_g, parts = generator_loss(z_t, z_s, y, bns_loss(stats), cfg.loss)
+            _check_finite(loss_g, "the generator loss", epoch, it)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            if tc.grad_clip is not None:
+                nn.utils.clip_grad_norm_(generator.parameters(), tc.grad_clip)
+            opt_g.step()
+            for k in ("g_total", "g_margin", "g_ce", "g_bns"):
+                sums[k] += float(parts[k])
+            if not warm:
+                loss_s = student_loss(z_t.detach(), student(images.detach()), cfg.loss)
+                _check_finite(loss_s, "the student loss", epoch, it)
+                opt_s.zero_grad(set_to_none=True)
+                loss_s.backward()
+                if tc.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
+                opt_s.step()
+                sums["s_loss"] += float(loss_s.detach())
+            reporter.on_iteration(epoch, it, parts)
+        val = evaluate(student, setup.val, dev)
+        if not math.isfinite(val["loss"]):
+            raise TrainingDiverged(f"training diverged: validation loss is {val['loss']} after epoch {epoch + 1}; "
+                                   "lower optim.student.lr or raise the bit-widths")
+        if val["top1"] > best["val_top1"]:
+            best = {"val_top1": val["top1"], "epoch": epoch}
+            best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        metrics = {
+            "epoch": epoch + 1,
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+            "val_loss": val["loss"],
+            "val_drop": setup.teacher_val["top1"] - val["top1"],
+            "best_val_top1": best["val_top1"],
+            "warmup": 1.0 if warm else 0.0,
+            "lr_student": lr_s if not warm else 0.0,
+            "lr_generator": lr_g,
+            "epoch_time_s": time.perf_counter() - t_epoch,
+            **{k: v / tc.iters_per_epoch for k, v in sums.items()},
+        }
+        history.append(metrics)
+        ckpt_path = None
+        if ckpt_dir is not None:
+            ckpt_path = save_checkpoint(ckpt_dir / LAST, {
+                "epoch": epoch,
+                "student": student.state_dict(),
+                "generator": generator.state_dict(),
+                "opt_student": opt_s.state_dict(),
+                "opt_generator": opt_g.state_dict(),
+                "rng": rng_state(sampler),
+                "history": history,
+                "best": best,
+                "best_student": best_state,
+                "ptq": ptq,
+                "config": flatten(cfg),
+            })
+        try:
+            reporter.on_epoch_end(epoch, metrics, ckpt_path)
+        except StopTraining:
+            stopped_early = epoch + 1 < tc.epochs
+            break
+
+    final_val = evaluate(student, setup.val, dev)
+    final_test = evaluate(student, setup.test, dev)
+    best_student = student
+    if best_state is not None and best["epoch"] != history[-1]["epoch"] - 1:
+        best_student = copy.deepcopy(student)
+        best_student.load_state_dict(best_state)
+    best_test = evaluate(best_student, setup.test, dev)
+    t_val, t_test = setup.teacher_val["top1"], setup.teacher_test["top1"]
+    eff = efficiency(student, in_shape)
+    lat_shape = (min(32, tc.batch_size), chans, size, size)
+    final: dict[str, Any] = {
+        "val_top1": final_val["top1"],
+        "val_top5": final_val["top5"],
+        "test_top1": final_test["top1"],
+        "test_top5": final_test["top5"],
+        "best_val_top1": best["val_top1"],
+        "best_epoch": best["epoch"] + 1,
+        "best_test_top1": best_test["top1"],
+        "teacher_val_top1": t_val,
+        "teacher_test_top1": t_test,
+        "val_drop": t_val - best["val_top1"],
+        "test_drop": t_test - best_test["top1"],
+        **ptq,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "train_time_s": time.perf_counter() - t_start,
+        "latency_ms": measure_latency(student, lat_shape, dev),
+        "latency_fp_ms": measure_latency(teacher, lat_shape, dev),
+        "granularity_sites": site_report(student),
+        **{k: v for k, v in eff.items() if not isinstance(v, (list, dict))},
+        "history": history,
+    }
+    reporter.on_end(final)
+    return TrainResult(metrics=final, student=student, best_student=best_student, generator=generator)
