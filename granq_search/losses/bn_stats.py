@@ -99,14 +99,17 @@ def bn_stats_recorder(teacher: nn.Module) -> BNStatsHook:
     return BNStatsHook(teacher)
 
 
-def bns_loss(stats: list[BNStat] | tuple[BNStat, ...], *, device: torch.device | str | None = None,
-             dtype: torch.dtype | None = None) -> Tensor:
+def bns_loss(stats: BNStatsHook | list[BNStat] | tuple[BNStat, ...], *,
+             device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Mean over BN calls of MSE(batch mean, running mean) + MSE(batch var, running var).
 
+    ``stats`` is a recorder's ``stats`` list or the :class:`BNStatsHook` itself.
     MSE is the mean squared difference over channels. With no statistics (a teacher without
     BatchNorm) the result is a zero scalar on ``device``/``dtype`` (default: CPU float32, which
     still adds to tensors on any device as a 0-dim scalar); it carries no gradient.
     """
+    if isinstance(stats, BNStatsHook):
+        stats = stats.stats
     if not stats:
         return torch.zeros((), device=device, dtype=dtype if dtype is not None else torch.float32)
     terms = []
