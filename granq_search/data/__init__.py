@@ -1,0 +1,13 @@
+"""Labelled evaluation datasets with a deterministic, disjoint validation/test split."""
+
+from granq_search.data.datasets import EvalData, ImageTensorDataset, build_eval_data, split_indices
+from granq_search.data.digits import digits_eval_part, digits_train_split
+
+__all__ = [
+    "EvalData",
+    "ImageTensorDataset",
+    "build_eval_data",
+    "split_indices",
+    "digits_train_split",
+    "digits_eval_part",
+]

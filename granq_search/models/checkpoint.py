@@ -93,6 +93,10 @@ def _listing(names: list[str]) -> str:
     return shown + (", ..." if len(names) > _SHOW else "")
 
 
+def _count(items: list, noun: str, plural: str = "s") -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else plural}"
+
+
 def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
                          source: str, name: str | None = None) -> None:
     """Copy ``state_dict`` into ``model``, or raise ONE error describing every mismatch."""
@@ -104,11 +108,11 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing keys ({_listing(missing)})")
+            parts.append(f"{_count(missing, 'missing key')} ({_listing(missing)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({_listing(unexpected)})")
+            parts.append(f"{_count(unexpected, 'unexpected key')} ({_listing(unexpected)})")
         if shapes:
-            parts.append(f"{len(shapes)} shape mismatches ({_listing(shapes)})")
+            parts.append(f"{_count(shapes, 'shape mismatch', 'es')} ({_listing(shapes)})")
         what = f"model '{name}'" if name else f"the {type(model).__name__} architecture"
         raise CheckpointError(f"{source} does not fit {what}: {'; '.join(parts)}; "
                               "check model.name and model.num_classes match the checkpoint")

@@ -1,7 +1,7 @@
 """Small models on scikit-learn's 8x8 handwritten digits: the default teacher and a test model.
 
 ``digits_cnn`` is the project's embedded default: its data ships with scikit-learn, it trains on
-the spot in a few seconds on two CPU cores (see :func:`train_digits_cnn`), and it reaches
+the spot in a few seconds on two CPU cores (see :func:`train_digits_model`), and it reaches
 about 98% test accuracy, so the whole pipeline runs end to end on any machine.
 
 ``tiny_test`` is the smallest model that still exercises what the quantizer must handle: BN
@@ -11,13 +11,15 @@ call, a residual add and a 1x1 conv.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from granq_search.models.registry import register_model
 
-__all__ = ["DigitsCNN", "TinyTest", "DIGITS_MEAN", "DIGITS_STD", "DIGITS_RECIPE", "train_digits_cnn"]
+__all__ = ["DigitsCNN", "TinyTest", "DIGITS_MEAN", "DIGITS_STD", "DIGITS_RECIPE", "train_digits_model"]
 
 # Mean and std of all 1,797 sklearn digits images scaled to [0, 1] (pixel / 16), computed once:
 #   x = load_digits().images / 16; x.mean() = 0.30526, x.std() = 0.37605
@@ -59,16 +61,16 @@ class TinyTest(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(in_channels, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
         self.relu = nn.ReLU()  # called twice: after bn1 and after the residual add
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.conv3 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
         self.relu2 = nn.ReLU()
-        self.conv4 = nn.Conv2d(8, 8, 1, bias=True)  # a 1x1 conv, followed by F.relu
-        self.linear = nn.Linear(8, num_classes)
+        self.conv4 = nn.Conv2d(16, 16, 1, bias=True)  # a 1x1 conv, followed by F.relu
+        self.linear = nn.Linear(16, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -104,18 +106,19 @@ DIGITS_RECIPE = {
 cache key, so stale cached teachers are never reused; bump ``version`` when the code changes."""
 
 
-def train_digits_cnn(images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10,
-                     recipe: dict | None = None) -> DigitsCNN:
-    """Train :class:`DigitsCNN` on normalised ``images`` (N, 1, 8, 8) and ``labels`` (N,).
+def train_digits_model(factory: Callable[[], nn.Module], images: torch.Tensor, labels: torch.Tensor,
+                       recipe: dict | None = None) -> nn.Module:
+    """Train ``factory()`` on normalised ``images`` (N, 1, 8, 8) and ``labels`` (N,).
 
-    Seeded and single-process: Adam with a cosine learning-rate schedule, random shifts of up
-    to ``shift`` pixels (zero-padded) as the only augmentation. A few seconds on two CPU cores.
+    Seeded and single-process: Adam with a one-cycle (warm-up, then cosine) learning-rate
+    schedule, random shifts of up to ``shift`` pixels (blank-padded) as the only augmentation.
+    A few seconds on two CPU cores. The global RNG state is left as it was.
     """
     r = dict(DIGITS_RECIPE if recipe is None else recipe)
     gen = torch.Generator().manual_seed(int(r["seed"]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(r["seed"]))
-        model = DigitsCNN(num_classes, in_channels=images.shape[1])
+        model = factory()
     n = images.shape[0]
     bs = int(r["batch_size"])
     steps_per_epoch = (n + bs - 1) // bs

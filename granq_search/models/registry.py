@@ -103,10 +103,16 @@ def _entry(name: str) -> _Entry:
     _ensure_loaded()
     entry = _REGISTRY.get(name)
     if entry is None:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.4)
-        tip = f"did you mean '{close[0]}'? " if close else ""
+        # Compare case-insensitively, ignoring '-' and '_', so 'ResNet-20' suggests 'resnet20'.
+        norm = {_normalise(k): k for k in sorted(_REGISTRY)}
+        close = difflib.get_close_matches(_normalise(name), list(norm), n=1, cutoff=0.4)
+        tip = f"did you mean '{norm[close[0]]}'? " if close else ""
         raise ModelError(f"unknown model '{name}'; {tip}(list: python tune_main.py evaluate --list-models)")
     return entry
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
 
 
 def is_registered(name: str) -> bool:

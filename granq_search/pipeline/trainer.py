@@ -36,7 +36,7 @@ from granq_search.pipeline.schedule import lr_factor
 from granq_search.quant import calibrate, efficiency, needs_calibration, prepare, site_report
 
 __all__ = ["run_training", "TrainingDiverged", "resolve_device", "resolve_config", "Setup", "build_setup", "TrainResult",
-           "measure_latency"]
+           "measure_latency", "qat_step"]
 
 
 class TrainingDiverged(GranqError):
@@ -167,6 +167,41 @@ def _check_finite(value: torch.Tensor, what: str, epoch: int, iteration: int) ->
             "lower optim.student.lr / optim.generator.lr or raise the bit-widths")
 
 
+def qat_step(teacher: nn.Module, student: nn.Module, generator: nn.Module, opt_g: torch.optim.Optimizer,
+             opt_s: torch.optim.Optimizer, z: torch.Tensor, y: torch.Tensor, cfg: ExperimentConfig, *,
+             train_student: bool, where: tuple[int, int] = (0, 0)) -> dict[str, float]:
+    """One iteration: a generator step on L_G, then (after warm-up) a student step on L_S.
+
+    The student's logits on the generated images feed the generator loss (disagreement,
+    agreement, margin); the student then learns on the detached images. Raises
+    :class:`TrainingDiverged` on a non-finite loss.
+    """
+    clip = cfg.train.grad_clip
+    images = generator(z, y)
+    with bn_stats_recorder(teacher) as stats:
+        z_t = teacher(images)
+    z_s = student(images)
+    loss_g, parts = generator_loss(z_t, z_s, y, bns_loss(stats), cfg.loss)
+    _check_finite(loss_g, "the generator loss", *where)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    if clip is not None:
+        nn.utils.clip_grad_norm_(generator.parameters(), clip)
+    opt_g.step()
+    out = {k: float(parts[k]) for k in ("g_total", "g_margin", "g_ce", "g_bns")}
+    out["s_loss"] = 0.0
+    if train_student:
+        loss_s = student_loss(z_t.detach(), student(images.detach()), cfg.loss)
+        _check_finite(loss_s, "the student loss", *where)
+        opt_s.zero_grad(set_to_none=True)
+        loss_s.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(student.parameters(), clip)
+        opt_s.step()
+        out["s_loss"] = float(loss_s.detach())
+    return out
+
+
 def _student_mode(student: nn.Module, bn_mode: str) -> None:
     student.train(bn_mode == "train")
 
@@ -191,8 +226,12 @@ def run_training(
         raise GranqError(f"'{checkpoint_dir}' already holds a training checkpoint; pass --resume to "
                          "continue it or choose another output directory")
     reporter = reporter or NullReporter()
-    setup = setup or build_setup(cfg, device)
-    cfg, dev, teacher = setup.cfg, setup.device, setup.teacher
+    if setup is None:
+        setup = build_setup(cfg, device)
+    cfg = resolve_config(cfg)
+    if (cfg.model, cfg.data) != (setup.cfg.model, setup.cfg.data):
+        raise ValueError("run_training: setup was built for another model/data config")
+    dev, teacher = setup.device, setup.teacher
     tc = cfg.train
     num_classes, size, chans = cfg.model.num_classes, int(cfg.model.image_size), setup.in_channels
     in_shape = (1, chans, size, size)
@@ -275,28 +314,10 @@ def run_training(
             lr_g = _set_lr(opt_g, cfg.optim.generator.lr, lr_factor(cfg.optim, tc, epoch, it, student=False))
             lr_s = _set_lr(opt_s, cfg.optim.student.lr, lr_factor(cfg.optim, tc, epoch, it, student=True))
             z, y = sample(tc.batch_size)
-            images = generator(z, y)
-            with bn_stats_recorder(teacher) as stats:
-                z_t = teacher(images)
-            z_s = student(images)
-            loss_g, parts = generator_loss(z_t, z_s, y, bns_loss(stats), cfg.loss)
-            _check_finite(loss_g, "the generator loss", epoch, it)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            if tc.grad_clip is not None:
-                nn.utils.clip_grad_norm_(generator.parameters(), tc.grad_clip)
-            opt_g.step()
-            for k in ("g_total", "g_margin", "g_ce", "g_bns"):
-                sums[k] += float(parts[k])
-            if not warm:
-                loss_s = student_loss(z_t.detach(), student(images.detach()), cfg.loss)
-                _check_finite(loss_s, "the student loss", epoch, it)
-                opt_s.zero_grad(set_to_none=True)
-                loss_s.backward()
-                if tc.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
-                opt_s.step()
-                sums["s_loss"] += float(loss_s.detach())
+            parts = qat_step(teacher, student, generator, opt_g, opt_s, z, y, cfg, train_student=not warm,
+                             where=(epoch, it))
+            for k in sums:
+                sums[k] += parts[k]
             reporter.on_iteration(epoch, it, parts)
         val = evaluate(student, setup.val, dev)
         if not math.isfinite(val["loss"]):

@@ -1,0 +1,54 @@
+"""MLflow record of searches: the Ray Tune recorder, the leaderboard, the Pareto front, the plot.
+
+``SearchRecorder`` is imported lazily (it needs Ray); the rest needs only MLflow and pandas.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from granq_search.tracking.leaderboard import (
+    FORMATS,
+    Leaderboard,
+    format_leaderboard,
+    list_searches,
+    load_runs,
+    pareto_mask,
+    plot_pareto,
+    rank,
+)
+from granq_search.tracking.schema import DEFAULT_EXPERIMENT, DEFAULT_OBJECTIVES, TAG, normalize_objectives
+from granq_search.tracking.uri import redact_uri, require_existing_store, resolve_tracking_uri
+
+if TYPE_CHECKING:  # pragma: no cover
+    from granq_search.tracking.callback import SearchRecorder, failure_reason
+
+__all__ = [
+    "resolve_tracking_uri",
+    "redact_uri",
+    "require_existing_store",
+    "SearchRecorder",
+    "failure_reason",
+    "Leaderboard",
+    "load_runs",
+    "list_searches",
+    "rank",
+    "pareto_mask",
+    "format_leaderboard",
+    "plot_pareto",
+    "FORMATS",
+    "TAG",
+    "DEFAULT_EXPERIMENT",
+    "DEFAULT_OBJECTIVES",
+    "normalize_objectives",
+]
+
+_LAZY = {"SearchRecorder", "failure_reason"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from granq_search.tracking import callback
+
+        return getattr(callback, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

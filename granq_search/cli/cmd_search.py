@@ -1,0 +1,96 @@
+"""``search`` (the default command): a Ray Tune + Optuna search recorded in MLflow.
+
+``python tune_main.py`` runs the embedded default: ``search_spaces/digits.yaml``, 8 trials, 2 at a
+time, on this machine. Everything a user can get wrong is checked before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from granq_search.cli.common import add_format_flag, emit_json
+from granq_search.config import parse_set_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search", help="search GranQ hyperparameters with Ray Tune + Optuna (default command)",
+        description="Search a space of GranQ configurations: Optuna proposes (multi-objective TPE), Ray Tune "
+        "runs the trials (ASHA stops weak ones early), MLflow records every trial. At the end the "
+        "leaderboard is printed and the best configuration exported to DIR/NAME/best.yaml. "
+        "Interrupted? Rerun with --resume.")
+    p.add_argument("--space", default=None, metavar="FILE_OR_NAME",
+                   help="search-space YAML, or the name of one in search_spaces/ (default: digits)")
+    p.add_argument("--num-samples", type=int, default=None, metavar="N", help="trials to run (default: 8)")
+    p.add_argument("--max-concurrent", type=int, default=None, metavar="K",
+                   help="trials running at once (default: 2)")
+    p.add_argument("--name", default=None, help="search name (default: SPACE-TIMESTAMP; with --resume: the "
+                   "latest search in --output-dir)")
+    p.add_argument("--output-dir", default="runs/search", metavar="DIR",
+                   help="where searches live: DIR/NAME/..., MLflow store DIR/mlflow.db (default: runs/search)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the space's base, e.g. --set data.root=/data/cifar10; on a "
+                   "fidelity key (train.epochs, ...) it changes only the search budget (repeatable)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="C", help="CPUs per trial (default: 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G",
+                   help="GPUs per trial; fractions pack trials onto one GPU (no memory isolation) (default: 0)")
+    p.add_argument("--address", default=None, metavar="A",
+                   help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start Ray locally)")
+    p.add_argument("--storage-path", default=None, metavar="P",
+                   help="Ray results on shared storage for clusters (NFS path, s3://, gs://); default DIR/NAME/ray")
+    p.add_argument("--tracking-uri", default=None, metavar="U",
+                   help="MLflow store: sqlite:///PATH or http://HOST:PORT (default: sqlite:///DIR/mlflow.db)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue search NAME: finished trials are kept, interrupted ones restart from their last "
+                   "epoch checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no Ray progress table")
+    add_format_flag(p)
+
+
+def _summary(outcome) -> str:
+    c = outcome.counts
+    parts = [f"{c['complete']} complete", f"{c['pruned']} pruned", f"{c['fail']} failed"]
+    if c.get("duplicates"):
+        parts.append(f"{c['duplicates']} duplicate proposal(s) not retrained")
+    return (f"search {outcome.name} {outcome.status}: {outcome.num_trials} trial(s) in "
+            f"{outcome.wall_time_s:.0f} s; Optuna: {', '.join(parts)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from granq_search.search.runner import run_search
+
+    overrides = parse_set_args(args.set)
+    json_out = args.format == "json"
+    outcome = run_search(
+        args.space, name=args.name, output_dir=args.output_dir, num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, address=args.address, storage_path=args.storage_path,
+        tracking_uri=args.tracking_uri, resume=args.resume, set_overrides=overrides,
+        progress=not (args.no_progress or json_out),
+    )
+    for note in outcome.notes:
+        print(f"warning: {' '.join(note.split())}", file=sys.stderr)
+    if json_out:
+        emit_json(outcome.to_dict())
+    else:
+        print(_summary(outcome))
+        if outcome.leaderboard:
+            print()
+            print(outcome.leaderboard.rstrip())
+        elif outcome.pareto:
+            print("Pareto front (Optuna):")
+            for p in outcome.pareto:
+                vals = ", ".join(f"{k}={v:.4g}" for k, v in p["values"].items())
+                print(f"  trial {p['ray_trial_id']} ({vals}): {p['params']}")
+        print()
+        if outcome.best_config:
+            print(f"best config: {outcome.best_config}")
+            print(f"train it at full budget: python tune_main.py train --config {outcome.best_config}")
+        print(f"search folder: {outcome.path}  (leaderboard: python tune_main.py leaderboard "
+              f"--output-dir {args.output_dir} --search {outcome.name})")
+    if outcome.status == "interrupted":
+        print(f"error: search {outcome.name} was interrupted; continue it with: python tune_main.py search "
+              f"--resume --name {outcome.name} --output-dir {args.output_dir}", file=sys.stderr)
+        return 130
+    return 0

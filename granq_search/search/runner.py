@@ -1,0 +1,512 @@
+"""The search driver: validate, build the Tuner (or restore it), run, close the record, export.
+
+Layout of a search (``--output-dir DIR --name NAME``, docs/ARCHITECTURE.md)::
+
+    DIR/NAME/search.json             name, space, objectives, base config, status
+    DIR/NAME/ray/                    Ray Tune experiment (--storage-path P: P/NAME instead)
+    DIR/NAME/optuna.journal          Optuna study (the driver is its only writer)
+    DIR/NAME/scheduler_state.json    ASHA rung records
+    DIR/NAME/best.yaml               exported best config
+    DIR/mlflow.db                    MLflow store of every search in DIR (default --tracking-uri)
+
+Order of work in :func:`run_search`: every check a user can fail (space file, overrides,
+numbers, name collision or missing search to resume, tracking URI, teacher and, locally, data)
+happens before any directory is created or Ray is started. Ray is started only when it is not
+running yet (``address`` None: a local instance without dashboard; ``auto``, ``HOST:PORT`` or
+``ray://HOST:PORT``: an existing cluster), and shut down only when this call started it.
+
+Trial settings follow ../shared/SEARCH.md: ``TuneConfig`` never gets ``metric``/``mode`` (the
+objectives live on the searcher), ``max_concurrent_trials`` is always set, the scheduler gets
+its own metric and mode, ``FailureConfig(max_failures=2)`` (worker deaths; failures that would
+repeat are reported by the trainable instead), ``CheckpointConfig(num_to_keep=2)``,
+``RAY_CHDIR_TO_TRIAL_DIR=0`` for the trials, and relative data/checkpoint paths made absolute
+before launch. At the end no Optuna trial is left RUNNING, the MLflow parent run is closed and
+the best configuration is exported to ``best.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from granq_search.config import ExperimentConfig, get_path, to_dict, with_overrides
+from granq_search.errors import GranqError, SearchSpaceError
+from granq_search.search.space import SearchSpace, load_space, space_from_record
+
+__all__ = ["run_search", "SearchOutcome", "SearchPaths", "latest_search", "read_search_record",
+           "default_space_dir", "resolve_space_arg", "SearchError"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class SearchError(GranqError):
+    """A search that cannot start or resume as asked."""
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class SearchPaths:
+    output_dir: Path
+    name: str
+
+    @property
+    def root(self) -> Path:
+        return self.output_dir / self.name
+
+    @property
+    def record(self) -> Path:
+        return self.root / "search.json"
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "optuna.journal"
+
+    @property
+    def scheduler_state(self) -> Path:
+        return self.root / "scheduler_state.json"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.yaml"
+
+
+def default_space_dir() -> Path:
+    """``<repository>/search_spaces`` (next to the ``granq_search`` package)."""
+    import granq_search
+
+    return Path(granq_search.__file__).resolve().parent.parent / "search_spaces"
+
+
+def resolve_space_arg(space: str | None) -> Path:
+    """``--space``: a YAML path, or the name of a file in ``<repository>/search_spaces``."""
+    directory = default_space_dir()
+    if space is None:
+        space = "digits"
+    p = Path(space)
+    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in space:
+        if not p.is_file():
+            raise SearchSpaceError(f"search space file '{space}' does not exist; check the path")
+        return p
+    candidate = directory / f"{space}.yaml"
+    if not candidate.is_file():
+        known = sorted(q.stem for q in directory.glob("*.yaml")) if directory.is_dir() else []
+        where = f"in {directory}" if directory.is_dir() else f"({directory} is missing: this install has no " \
+                                                             "search_spaces folder)"
+        tip = f"; known: {', '.join(known)}" if known else ""
+        raise SearchSpaceError(f"no search space named '{space}' {where}{tip}; pass --space PATH to a "
+                               "search-space YAML")
+    return candidate
+
+
+def read_search_record(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SearchError(f"cannot read '{path}' ({e}); it is not a granq_search search folder") from None
+
+
+def latest_search(output_dir: Path) -> str:
+    """Name of the most recently started search in ``output_dir``."""
+    found = []
+    if output_dir.is_dir():
+        for rec in output_dir.glob("*/search.json"):
+            try:
+                created = float(json.loads(rec.read_text(encoding="utf-8")).get("created", 0))
+            except (OSError, ValueError):
+                created = rec.stat().st_mtime
+            found.append((created, rec.parent.name))
+    if not found:
+        raise SearchError(f"no search to resume in '{output_dir}'; pass --name NAME and --output-dir DIR of "
+                          "an earlier search")
+    return max(found)[1]
+
+
+def _write_record(path: Path, record: Mapping[str, Any]) -> None:
+    from granq_search.cli.common import json_safe
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(dict(record)), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- outcome
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    path: str
+    status: str
+    """finished | interrupted | exhausted (the sampler ran out of new configurations)."""
+    num_trials: int
+    """Ray trials run (a duplicate proposal is not a Ray trial)."""
+    counts: dict[str, int]
+    """Optuna trial states: complete, pruned, fail (+ running, always 0 at the end)."""
+    pareto: list[dict[str, Any]]
+    objectives: list[dict[str, str]]
+    ray_path: str
+    journal: str
+    tracking_uri: str
+    wall_time_s: float
+    best_config: str | None = None
+    leaderboard: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _abs_paths(cfg: ExperimentConfig, *, local: bool) -> ExperimentConfig:
+    """Relative data/checkpoint paths made absolute (trials must not depend on their cwd).
+
+    Locally every relative path is resolved against the current directory; on a cluster only
+    paths that exist here (the driver's working directory is shipped to the workers with
+    ``ray job submit --working-dir``; other paths are the workers' own).
+    """
+    changes = {}
+    for path in ("data.root", "model.checkpoint"):
+        value = get_path(cfg, path)
+        if isinstance(value, str) and value and not _URI.match(value) and not os.path.isabs(value):
+            p = Path(value).expanduser()
+            if local or p.exists():
+                changes[path] = str(p.resolve())
+    return with_overrides(cfg, changes) if changes else cfg
+
+
+def _check_numbers(num_samples: int, max_concurrent: int, cpus: float, gpus: float) -> None:
+    if num_samples < 1:
+        raise SearchError(f"--num-samples must be >= 1, got {num_samples}")
+    if max_concurrent < 1:
+        raise SearchError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    if not (cpus > 0 and math.isfinite(cpus)):
+        raise SearchError(f"--cpus-per-trial must be > 0, got {cpus}")
+    if not (gpus >= 0 and math.isfinite(gpus)) or (gpus > 1 and not float(gpus).is_integer()):
+        raise SearchError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {gpus}")
+
+
+def _check_address(address: str | None) -> None:
+    if address is None or address == "auto":
+        return
+    if address.startswith("ray://") or re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d+$", address):
+        return
+    raise SearchError(f"--address {address!r} is not a Ray address; use auto, HOST:PORT or ray://HOST:PORT")
+
+
+def _storage(storage_path: str | None, paths: SearchPaths) -> tuple[str, str]:
+    """(Ray storage_path, experiment name)."""
+    if storage_path is None:
+        return str(paths.root), "ray"
+    if _URI.match(storage_path):
+        return storage_path.rstrip("/"), paths.name
+    return str(Path(storage_path).expanduser().resolve()), paths.name
+
+
+def _teacher(cfg: ExperimentConfig) -> tuple[dict[str, Any], str | None, str]:
+    """The teacher's weights (CPU tensors) for the object store, its sha256, where it came from."""
+    from granq_search.models import build_teacher
+
+    teacher = build_teacher(cfg.model, "cpu")
+    state = {k: v.detach().cpu() for k, v in teacher.model.state_dict().items()}
+    return state, teacher.checkpoint_sha256, teacher.source
+
+
+def _check_data(cfg: ExperimentConfig) -> None:
+    from granq_search.data import build_eval_data
+    from granq_search.pipeline.trainer import resolve_config
+
+    cfg = resolve_config(cfg)
+    build_eval_data(cfg.data, mean=cfg.model.mean, std=cfg.model.std, image_size=cfg.model.image_size,
+                    num_classes=cfg.model.num_classes)
+
+
+def _pareto(study, space: SearchSpace) -> list[dict[str, Any]]:
+    out, seen = [], set()
+    try:
+        best = study.best_trials
+    except Exception:  # noqa: BLE001 - no finished trial
+        best = []
+    for t in sorted(best, key=lambda t: t.values):
+        source = t.user_attrs.get("duplicate_of", t.number)
+        if source in seen:
+            continue
+        seen.add(source)
+        out.append({"number": t.number, "ray_trial_id": t.user_attrs.get("ray_trial_id"),
+                    "values": dict(zip(space.metrics, t.values)), "params": dict(t.params)})
+    return out
+
+
+def _counts(study) -> dict[str, int]:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "fail",
+             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+    counts = {v: 0 for v in names.values()}
+    for t in trials:
+        counts[names[t.state]] += 1
+    counts["duplicates"] = sum(1 for t in trials if "duplicate_of" in t.user_attrs)
+    return counts
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def run_search(
+    space: str | Path | SearchSpace | None = None,
+    *,
+    name: str | None = None,
+    output_dir: str | Path = "runs/search",
+    num_samples: int | None = None,
+    max_concurrent: int | None = None,
+    cpus_per_trial: float = 1.0,
+    gpus_per_trial: float = 0.0,
+    address: str | None = None,
+    storage_path: str | None = None,
+    tracking_uri: str | None = None,
+    resume: bool = False,
+    set_overrides: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    trainable: Callable[..., Any] | None = None,
+    callbacks: Sequence[Any] = (),
+    leaderboard_top: int = 5,
+    tracking: bool = True,
+) -> SearchOutcome:
+    """Run (or with ``resume`` continue) a search; see the module docstring.
+
+    ``num_samples`` (default 8) and ``max_concurrent`` (default 2) are fixed when a search
+    starts; a resumed search keeps them (giving other values is an error). ``trainable``
+    replaces :func:`~granq_search.search.trainable.train_trial` (same keyword parameters) and
+    ``callbacks`` are extra Ray callbacks: both for embedding and tests. ``tracking=False``
+    records nothing in MLflow (tests of the search machinery only).
+    """
+    t0 = time.time()
+    output = Path(output_dir).expanduser().resolve()
+    _check_address(address)
+    local = address is None
+
+    # ------------------------------------------------------------- validate (no side effects)
+    if resume:
+        if space is not None:
+            raise SearchError("a resumed search keeps the space it started with; drop --space")
+        if set_overrides:
+            raise SearchError("a resumed search keeps its overrides; drop --set")
+        name = name or latest_search(output)
+        paths = SearchPaths(output, name)
+        if not paths.record.is_file():
+            raise SearchError(f"no search '{name}' in '{output}' (no {paths.record.name}); check --name and "
+                              "--output-dir, or start it without --resume")
+        record = read_search_record(paths.record)
+        the_space = space_from_record(record["space"])
+        for flag, given, kept in (("--num-samples", num_samples, record["num_samples"]),
+                                  ("--max-concurrent", max_concurrent, record["max_concurrent"])):
+            if given is not None and int(given) != int(kept):
+                raise SearchError(f"search '{name}' was started with {flag} {kept}; a resumed search keeps it")
+        num_samples, max_concurrent = int(record["num_samples"]), int(record["max_concurrent"])
+        if storage_path is not None and storage_path != record.get("storage_path_arg"):
+            raise SearchError(f"search '{name}' keeps its Ray results at {record['ray_path']}; drop --storage-path")
+        storage_arg = record.get("storage_path_arg")
+        uri_arg = tracking_uri if tracking_uri is not None else record.get("tracking_uri")
+    else:
+        if isinstance(space, SearchSpace):
+            the_space = space
+            if set_overrides:
+                raise SearchError("pass --set overrides to load_space, not with a loaded space")
+        else:
+            the_space = load_space(resolve_space_arg(None if space is None else str(space)), set_overrides)
+        if name is None:
+            stem = Path(the_space.source).stem if the_space.source else "search"
+            name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not _NAME.match(name):
+            raise SearchError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (at most 100, no '/')")
+        paths = SearchPaths(output, name)
+        if paths.root.exists():
+            raise SearchError(f"search '{name}' already exists in '{output}'; pass --resume to continue it or "
+                              "choose another --name")
+        num_samples = 8 if num_samples is None else int(num_samples)
+        max_concurrent = 2 if max_concurrent is None else int(max_concurrent)
+        storage_arg = storage_path
+        uri_arg = tracking_uri
+        record = {}
+    _check_numbers(num_samples, max_concurrent, float(cpus_per_trial), float(gpus_per_trial))
+    ray_storage, ray_name = _storage(storage_arg, paths)
+    ray_path = f"{ray_storage}/{ray_name}"
+
+    from granq_search.tracking import redact_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(uri_arg, output) if tracking else None
+    if resume:
+        from ray.tune import Tuner
+
+        if not Tuner.can_restore(ray_path):
+            raise SearchError(f"search '{name}' has no Ray experiment state at {ray_path} to resume")
+
+    trial_base = _abs_paths(the_space.search_base, local=local)
+    teacher_state, teacher_sha, teacher_source = _teacher(trial_base)
+    if local:
+        _check_data(trial_base)
+
+    # ------------------------------------------------------------- side effects start here
+    import ray
+    from ray import tune
+
+    from granq_search.search.costs import EfficiencyCost
+    from granq_search.search.scheduler import asha_for
+    from granq_search.search.searcher import OptunaSearcher, close_running_trials, open_study
+    from granq_search.search.trainable import make_trainable
+
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        record = {
+            "name": name,
+            "created": time.time(),
+            "space_file": the_space.source,
+            "objectives": [{"metric": o.metric, "mode": o.mode} for o in the_space.objectives],
+            "space": the_space.to_record(),
+            "base_config": to_dict(the_space.base),
+            "search_config": to_dict(the_space.search_base),
+            "num_samples": num_samples,
+            "max_concurrent": max_concurrent,
+            "storage_path_arg": storage_arg,
+            "ray_path": ray_path,
+            "journal": str(paths.journal),
+            "scheduler_state": str(paths.scheduler_state),
+            "study_name": name,
+            "tracking_uri": uri,
+            "teacher": {"source": teacher_source, "sha256": teacher_sha},
+        }
+        open_study(the_space, str(paths.journal), name, create=True)  # enqueues the initial points
+    record.update(status="running", updated=time.time(), cpus_per_trial=cpus_per_trial,
+                  gpus_per_trial=gpus_per_trial, address=address,
+                  resumes=int(record.get("resumes", -1)) + 1)
+    _write_record(paths.record, record)
+
+    started_ray = False
+    old_chdir = os.environ.get("RAY_CHDIR_TO_TRIAL_DIR")
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # propagated by Ray to every trial actor
+    # one checkpoint per epoch with num_to_keep=2 forces frequent experiment snapshots, by design
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    recorder = None
+    status = "interrupted"
+    notes: list[str] = []
+    try:
+        if not ray.is_initialized():
+            init: dict[str, Any] = {"log_to_driver": bool(progress), "configure_logging": True,
+                                    "logging_level": "WARNING" if not progress else "INFO",
+                                    "runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}}
+            if local:
+                init["include_dashboard"] = False
+            else:
+                init["address"] = address
+            ray.init(**init)
+            started_ray = True
+
+        fn = make_trainable(to_dict(trial_base), teacher_state=teacher_state, teacher_sha256=teacher_sha,
+                            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, function=trainable)
+        if tracking:
+            from granq_search.tracking import SearchRecorder
+
+            fidelity = dict(the_space.fidelity)
+            recorder = SearchRecorder(
+                tracking_uri=uri, experiment_name="granq_search", search_name=name,
+                parent_tags={
+                    "granq.space_file": the_space.source,
+                    "granq.fidelity": json.dumps(fidelity, default=str),
+                    "granq.production": json.dumps({p: get_path(the_space.base, p) for p in fidelity}, default=str),
+                    "granq.search_dir": str(paths.root),
+                    "granq.ray_path": ray_path,
+                },
+                objectives=[{"metric": o.metric, "mode": o.mode} for o in the_space.objectives],
+                trial_config=_TrialConfig(the_space.search_base),
+            )
+        if resume:
+            # The searcher, scheduler and recorder come back from Ray's tuner.pkl; they reopen the
+            # journal, reload the rung records and find their MLflow runs by themselves.
+            tuner = tune.Tuner.restore(ray_path, trainable=fn, resume_unfinished=True, resume_errored=True)
+        else:
+            searcher = OptunaSearcher(the_space, journal_path=str(paths.journal), study_name=name,
+                                      cost_fn=EfficiencyCost() if the_space.constraints else None)
+            scheduler = asha_for(the_space, paths.scheduler_state)
+            tuner = tune.Tuner(
+                fn,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                            max_concurrent_trials=max_concurrent, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name=ray_name, storage_path=ray_storage,
+                    failure_config=tune.FailureConfig(max_failures=2),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    callbacks=[*([recorder] if recorder is not None else []), *callbacks],
+                    verbose=1 if progress else 0,
+                ),
+            )
+        grid = tuner.fit()
+        num_trials = len(grid)
+        finished = grid.num_terminated + grid.num_errors == num_trials
+        study, _ = open_study(the_space, str(paths.journal), name)
+        exhausted = bool(study.user_attrs.get("exhausted"))
+        if finished and (num_trials >= num_samples or exhausted):
+            status = "exhausted" if exhausted and num_trials < num_samples else "finished"
+    finally:
+        closed = close_running_trials(str(paths.journal), name)
+        if closed and status != "interrupted":
+            notes.append(f"{closed} Optuna trial(s) were still RUNNING at the end and were told FAIL")
+        if old_chdir is None:
+            os.environ.pop("RAY_CHDIR_TO_TRIAL_DIR", None)
+        else:
+            os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = old_chdir
+        if started_ray:
+            ray.shutdown()
+        record.update(status=status, updated=time.time())
+        _write_record(paths.record, record)
+        if recorder is not None:
+            # finish() also runs when fit() raised; its own error must not hide the first one
+            try:
+                recorder.finish("FINISHED" if status != "interrupted" else "KILLED")
+            except GranqError as e:
+                notes.append(str(e))
+
+    study, _ = open_study(the_space, str(paths.journal), name)
+    outcome = SearchOutcome(
+        name=name, path=str(paths.root), status=status, num_trials=num_trials, counts=_counts(study),
+        pareto=_pareto(study, the_space), objectives=record["objectives"], ray_path=ray_path,
+        journal=str(paths.journal), tracking_uri=redact_uri(uri) if uri else "", wall_time_s=time.time() - t0,
+        notes=notes,
+    )
+    if tracking and outcome.counts["complete"]:
+        from granq_search.export.production import export_config
+        from granq_search.tracking import format_leaderboard, load_runs
+
+        try:
+            outcome.leaderboard = format_leaderboard(load_runs(uri, name), "table", top=leaderboard_top)
+        except GranqError as e:
+            notes.append(f"leaderboard: {e}")
+        try:
+            outcome.best_config = str(export_config(uri, name, "best", output=paths.best))
+        except GranqError as e:
+            notes.append(f"export: {e}")
+    record.update(outcome={k: v for k, v in outcome.to_dict().items() if k not in ("leaderboard",)})
+    _write_record(paths.record, record)
+    return outcome
+
+
+class _TrialConfig:
+    """Picklable ``flat params -> ExperimentConfig`` for the MLflow recorder."""
+
+    def __init__(self, search_base: ExperimentConfig) -> None:
+        self.search_base = search_base
+
+    def __call__(self, params: Mapping[str, Any]) -> ExperimentConfig:
+        return with_overrides(self.search_base, dict(params)) if params else self.search_base
+

@@ -1,0 +1,134 @@
+"""The Ray Tune function trainable: one trial = one GranQ run at search fidelity.
+
+``make_trainable(...)`` wraps :func:`train_trial` with ``tune.with_parameters`` (the teacher's
+weights go through the object store once, not inside every trial's config) and
+``tune.with_resources`` (CPUs and fractional GPUs per trial).
+
+Inside a trial:
+
+1. the full :class:`ExperimentConfig` is rebuilt from the search base (base + fidelity, paths
+   already absolute) and the proposed values, and validated before any tensor is allocated;
+2. the device is the one Ray assigned: ``resolve_device('auto')`` sees only the GPUs in
+   ``CUDA_VISIBLE_DEVICES`` (Ray sets it) and falls back to the CPU where torch has no CUDA;
+3. torch uses as many threads as the trial was given CPUs;
+4. a restarted trial (worker died, ``--resume``) copies ``last.pt`` from ``tune.get_checkpoint()``
+   into a private folder and continues with ``run_training(..., resume=True)``;
+5. every epoch goes to Ray through :class:`~granq_search.search.report.RayReporter`.
+
+Failures that would only repeat themselves (``TrainingDiverged`` and other
+:class:`~granq_search.errors.GranqError`, out of memory) end the trial with a ``failure_reason`` report
+rather than an exception: Ray retries exceptions up to ``FailureConfig.max_failures`` times
+(it cannot tell a NaN from a lost node), so only worker deaths and unexpected errors are retried.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["train_trial", "make_trainable", "is_out_of_memory", "failure_message"]
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or "can't allocate memory" in text or isinstance(err, MemoryError))
+
+
+def failure_message(err: BaseException) -> str:
+    first = " ".join(str(err).split()) or type(err).__name__
+    if is_out_of_memory(err):
+        return f"out of memory ({type(err).__name__}): {first}; lower data.batch_size / train.batch_size or " \
+               "give each trial more GPU memory (--gpus-per-trial)"
+    return first
+
+
+def _trial_threads() -> int | None:
+    try:
+        from ray import tune
+
+        cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 0)
+    except Exception:  # outside a trial (tests): leave torch's default
+        return None
+    return max(1, int(math.floor(cpus))) if cpus else 1
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return ""
+
+
+def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
+                teacher_state: Mapping[str, Any] | None = None, teacher_sha256: str | None = None) -> None:
+    """Ray Tune function trainable (see the module docstring). ``config``: dotted path -> value."""
+    import torch
+    from ray import tune
+
+    from granq_search.config import from_dict, with_overrides
+    from granq_search.errors import GranqError
+    from granq_search.pipeline.checkpoint import LAST
+    from granq_search.pipeline.trainer import build_setup, resolve_device, run_training
+    from granq_search.search.report import RayReporter
+
+    threads = _trial_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = resolve_device("auto")
+    workdir = Path(tempfile.mkdtemp(prefix="granq-trial-"))
+    reporter: RayReporter | None = None
+    try:
+        try:
+            cfg = with_overrides(from_dict(dict(base_cfg)), dict(config))
+        except GranqError as e:
+            RayReporter(1).report_failure(f"invalid config: {e}")
+            return
+        reporter = RayReporter(cfg.train.epochs, extra={"node_id": _node_id(), "device": str(device)})
+        resume = False
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                src = Path(d) / LAST
+                if src.is_file():
+                    shutil.copy2(src, workdir / LAST)
+                    resume = True
+        try:
+            setup = build_setup(cfg, device, teacher_state=teacher_state, teacher_sha256=teacher_sha256)
+            run_training(setup.cfg, device=device, reporter=reporter, checkpoint_dir=workdir, resume=resume,
+                         setup=setup)
+        except GranqError as e:
+            reporter.report_failure(failure_message(e))
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            reporter.report_failure(failure_message(e))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def make_trainable(base_cfg: Mapping[str, Any], *, teacher_state: Mapping[str, Any] | None,
+                   teacher_sha256: str | None, cpus_per_trial: float, gpus_per_trial: float,
+                   function=None):
+    """``tune.with_resources(tune.with_parameters(train_trial, ...), {"cpu": c, "gpu": g})``.
+
+    ``function`` replaces :func:`train_trial` (same keyword parameters); for embedding and tests.
+    """
+    from ray import tune
+
+    fn = function or train_trial
+    wrapped = tune.with_parameters(fn, base_cfg=dict(base_cfg), teacher_state=teacher_state,
+                                   teacher_sha256=teacher_sha256)
+    return tune.with_resources(wrapped, {"cpu": float(cpus_per_trial), "gpu": float(gpus_per_trial)})

@@ -1,0 +1,106 @@
+"""Names shared by the recorder, the leaderboard and export (see docs/ARCHITECTURE.md).
+
+Tags on the parent run of a search:
+    granq.kind=search, granq.search=NAME, granq.objectives (JSON list of {metric, mode}),
+    granq.version, granq.git_commit, granq.git_dirty, granq.command (redacted),
+    granq.teacher, granq.teacher_val_top1, granq.teacher_test_top1,
+    granq.fidelity / granq.production (JSON dotted path -> value; set by the driver),
+    granq.status (running/finished/interrupted/failed) and whatever the driver adds.
+Tags on a child (one per Ray trial):
+    granq.kind=trial, granq.search=NAME, granq.trial_id=ID, mlflow.parentRunId,
+    granq.status (running/finished/pruned/failed/interrupted), granq.failure_reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from granq_search.errors import TrackingError
+
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "EPOCH_METRICS",
+    "FINAL_METRICS",
+    "METRICS",
+    "DEFAULT_OBJECTIVES",
+    "TAG",
+    "normalize_objectives",
+    "param_value",
+]
+
+DEFAULT_EXPERIMENT = "granq_search"
+
+EPOCH_METRICS = (
+    "epoch", "val_top1", "val_top5", "val_loss", "val_drop", "best_val_top1", "warmup",
+    "lr_student", "lr_generator", "epoch_time_s", "g_total", "g_margin", "g_ce", "g_bns", "s_loss",
+)
+FINAL_METRICS = (
+    "final", "test_top1", "test_top5", "best_test_top1", "best_epoch", "teacher_val_top1",
+    "teacher_test_top1", "val_drop", "test_drop", "ptq_val_top1", "ptq_test_top1", "epochs_run",
+    "train_time_s", "latency_ms", "latency_fp_ms", "bitops", "bitops_fp", "size_bits",
+    "size_bits_fp", "compression", "act_scale_factors", "fine_fraction", "act_sites",
+)
+# Every numeric result key recorded in MLflow; Ray's bookkeeping (time_this_iter_s, pid,
+# timestamp, done, training_iteration, ...) is not in it.
+METRICS = tuple(dict.fromkeys(EPOCH_METRICS + FINAL_METRICS))
+
+
+class TAG:
+    KIND = "granq.kind"
+    SEARCH = "granq.search"
+    TRIAL_ID = "granq.trial_id"
+    PARENT = "mlflow.parentRunId"
+    STATUS = "granq.status"
+    FAILURE = "granq.failure_reason"
+    OBJECTIVES = "granq.objectives"
+    VERSION = "granq.version"
+    GIT_COMMIT = "granq.git_commit"
+    GIT_DIRTY = "granq.git_dirty"
+    COMMAND = "granq.command"
+    SPACE = "granq.space_file"
+    TEACHER = "granq.teacher"
+    TEACHER_VAL = "granq.teacher_val_top1"
+    TEACHER_TEST = "granq.teacher_test_top1"
+    FIDELITY = "granq.fidelity"
+    PRODUCTION = "granq.production"
+
+
+DEFAULT_OBJECTIVES = ({"metric": "val_drop", "mode": "min"}, {"metric": "bitops", "mode": "min"})
+
+_MODES = {"min": "min", "minimize": "min", "max": "max", "maximize": "max"}
+
+
+def normalize_objectives(objectives: Iterable[Mapping[str, Any]] | str | None) -> list[dict[str, str]]:
+    """``[{"metric": NAME, "mode": "min"|"max"}, ...]`` from dicts that may say ``name`` for
+    ``metric`` and ``direction`` (minimize/maximize) for ``mode``, or from their JSON."""
+    if objectives is None or objectives == "":
+        return [dict(o) for o in DEFAULT_OBJECTIVES]
+    if isinstance(objectives, str):
+        try:
+            objectives = json.loads(objectives)
+        except json.JSONDecodeError:
+            raise TrackingError(f"objectives tag is not JSON: {objectives[:80]!r}") from None
+    out = []
+    for obj in objectives:  # type: ignore[union-attr]
+        if isinstance(obj, str):
+            obj = {"metric": obj}
+        name = obj.get("metric") or obj.get("name")
+        mode = _MODES.get(str(obj.get("mode") or obj.get("direction") or "min").lower())
+        if not name or mode is None:
+            raise TrackingError(f"objective {dict(obj)!r} needs a metric name and mode min or max")
+        out.append({"metric": str(name), "mode": mode})
+    if not out:
+        return [dict(o) for o in DEFAULT_OBJECTIVES]
+    return out
+
+
+def param_value(value: Any) -> str:
+    """How a config value is written as an MLflow param: strings as they are, else JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return json.dumps(value)
