@@ -8,9 +8,10 @@ No generator and no QAT: the FP teacher is quantized (asymmetric min/max fake qu
 optionally calibrated on validation batches, and evaluated on the validation and test splits of
 the 10,000 images (``all`` = both). Grid: W/A bits x activation granularity (per tensor, per
 channel over the batch, GranQ per sample and channel) x weight granularity (per output channel,
-per kernel), dynamic ranges. ``--fp-linear`` keeps the final linear layer in full precision,
-the setting of the reference points in ../shared/README.md; by default the package quantizes
-every conv and the linear layer.
+per kernel), dynamic ranges, with the package default of quantizing every conv AND the final
+linear layer. A second table repeats the per-kernel W4A4/W3A3 cells with the linear layer in
+full precision, the setting of the reference points in ../shared/README.md, next to them
+(``--no-reference`` skips it).
 
 The JPEG files are decoded once per run; ``torch.set_num_threads`` defaults to 2.
 """
@@ -41,7 +42,8 @@ def _shared() -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bits", type=int, nargs="+", default=[5, 4, 3])
-    p.add_argument("--fp-linear", action="store_true", help="keep the last linear layer in FP (reference setting)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the linear-in-FP comparison with ../shared/README.md's reference points")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-samples", type=int, default=None, help="quick runs only")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from granq_search.config import DataConfig, LayerOverride, ModelConfig, QuantConfig, from_dict
+    from granq_search.config import DataConfig, ModelConfig, QuantConfig, from_dict
     from granq_search.data import build_eval_data
     from granq_search.models import build_teacher
     from granq_search.pipeline.evaluation import combine, evaluate
@@ -81,29 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     fp = measure(teacher.model)
     print(f"FP: all {fp['all']['top1']:.2f} val {fp['val']['top1']:.2f} test {fp['test']['top1']:.2f}",
           file=sys.stderr)
-    overrides = (LayerOverride(pattern="linear", quantize=False),) if args.fp_linear else ()
-    rows = []
     shape = (1, info.in_channels, info.image_size, info.image_size)
-    for bits in args.bits:
-        for wg in WEIGHTS:
-            for ag in ACTS:
-                qcfg = from_dict({"weight": {"bits": bits, "granularity": wg},
-                                  "act": {"bits": bits, "granularity": ag, "range_mode": "dynamic"}}, QuantConfig)
-                qcfg = QuantConfig(weight=qcfg.weight, act=qcfg.act, overrides=overrides,
-                                   calib_batches=qcfg.calib_batches)
-                t = time.perf_counter()
-                student = prepare(copy.deepcopy(teacher.model), qcfg, example_input=torch.zeros(shape)).eval()
-                if needs_calibration(student):
-                    calibrate(student, [x for x, _ in val[: qcfg.calib_batches]])
-                res = measure(student)
-                eff = efficiency(student, shape)
-                rows.append({"bits": bits, "weight": wg, "act": ag, **{k: res[k]["top1"] for k in res},
-                             "compression": float(eff.get("compression", float("nan"))),
-                             "scale_factors": eff.get("act_scale_factors")})
-                print(f"W{bits}A{bits} w={wg:<11} a={ag:<18} all {res['all']['top1']:6.2f} "
-                      f"val {res['val']['top1']:6.2f} test {res['test']['top1']:6.2f} "
-                      f"({time.perf_counter() - t:.0f}s)", file=sys.stderr)
-    text = render(rows, fp, data.meta, args, teacher.checkpoint_sha256)
+
+    def cell(bits: int, wg: str, ag: str, fp_linear: bool) -> dict:
+        overrides = [{"pattern": "linear", "quantize": False}] if fp_linear else []
+        qcfg = from_dict({"weight": {"bits": bits, "granularity": wg},
+                          "act": {"bits": bits, "granularity": ag, "range_mode": "dynamic"},
+                          "overrides": overrides}, QuantConfig)
+        t = time.perf_counter()
+        student = prepare(copy.deepcopy(teacher.model), qcfg, example_input=torch.zeros(shape)).eval()
+        if needs_calibration(student):  # not for dynamic ranges; kept for other grids
+            calibrate(student, [x for x, _ in val[: qcfg.calib_batches]])
+        res = measure(student)
+        eff = efficiency(student, shape)
+        print(f"W{bits}A{bits} w={wg:<11} a={ag:<18} linear={'fp' if fp_linear else 'q '} "
+              f"all {res['all']['top1']:6.2f} val {res['val']['top1']:6.2f} test {res['test']['top1']:6.2f} "
+              f"({time.perf_counter() - t:.0f}s)", file=sys.stderr)
+        return {"bits": bits, "weight": wg, "act": ag, **{k: res[k]["top1"] for k in res},
+                "compression": float(eff.get("compression", float("nan")))}
+
+    rows = [cell(b, wg, ag, False) for b in args.bits for wg in WEIGHTS for ag in ACTS]
+    ref_rows = [] if args.no_reference else [cell(b, "per_kernel", ag, True) for b in (4, 3) for ag in ACTS]
+    text = render(rows, ref_rows, fp, data.meta, args, teacher.checkpoint_sha256)
     print(text)
     if args.write:
         write_section(REPO / "docs" / "results.md", text)
@@ -111,9 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def render(rows, fp, meta, args, sha) -> str:
-    cmd = "python bench/ptq_table.py --write" + (" --fp-linear" if args.fp_linear else "")
-    linear = "in full precision (`--fp-linear`)" if args.fp_linear else "quantized like the convolutions (package default)"
+REFERENCE = {  # ../shared/README.md: W/A 4/4 and 3/3, weights per kernel, linear layer in FP
+    (4, "per_tensor"): 75.00, (4, "per_channel"): 75.50, (4, "per_sample_channel"): 79.03,
+    (3, "per_tensor"): 45.22, (3, "per_channel"): 60.47, (3, "per_sample_channel"): 71.61,
+}
+
+
+def render(rows, ref_rows, fp, meta, args, sha) -> str:
+    cmd = "python bench/ptq_table.py --write"
+    linear = "quantized like the convolutions (the package default)"
     lines = [
         SECTION,
         "",
@@ -148,6 +155,22 @@ def render(rows, fp, meta, args, sha) -> str:
     for r in rows:
         lines.append(f"| {r['bits']}/{r['bits']} | {r['weight'].replace('_', ' ')} | {ACT_TITLES[r['act']]} | "
                      f"{r['val']:.2f} | {r['test']:.2f} | {r['all']:.2f} | {r['compression']:.2f}x |")
+    if ref_rows:
+        lines += [
+            "",
+            "Same protocol with the final linear layer left in full precision "
+            "(`--set 'quant.overrides=[{pattern: linear, quantize: false}]'`), next to the reference "
+            "points of `../shared/README.md` (weights per kernel; top-1 % on all images):",
+            "",
+            "| W/A bits | act. per tensor (ours / ref.) | act. per channel (ours / ref.) | "
+            "act. GranQ (ours / ref.) |",
+            "|---|---|---|---|",
+        ]
+        rb = {(r["bits"], r["act"]): r for r in ref_rows}
+        for bits in (4, 3):
+            cells = [f"{rb[(bits, a)]['all']:.2f} / {REFERENCE[(bits, a)]:.2f}" for a in ACTS if (bits, a) in rb]
+            lines.append(f"| {bits}/{bits} | " + " | ".join(cells) + " |")
+        lines += ["", NOTE]
     lines += [
         "",
         f"Produced by `{cmd}` (CPU, {args.threads} threads, torch {torch.__version__}, "
@@ -159,6 +182,17 @@ def render(rows, fp, meta, args, sha) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+NOTE = (
+    "The ordering of the reference is reproduced (per tensor < per channel < GranQ, at every bit-width), "
+    "but not every figure: ours are 2-3 points lower at W4A4 and up to 5 points higher at W3A3 per tensor. "
+    "An independent re-implementation of GRANQ.md section 2 (the public quantizer, no clamp, written "
+    "without this package) gives the same figures as the package within 0.6 points (W4A4 per kernel, "
+    "linear in FP, batch 256: 72.65 / 74.45 / 77.10), so the gap is a setting of the reference run that "
+    "we do not know (not a quantizer bug we could find). Compare variants against each other within "
+    "this table, not against the reference."
+)
 
 
 def write_section(path: Path, section: str) -> None:

@@ -176,7 +176,7 @@ def write_section(text: str, path: Path = DOC) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer rounds (about a minute on two CPU cores)")
+    p.add_argument("--quick", action="store_true", help="5 rounds instead of 15 (a few minutes on two busy CPU cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 5 quick, 15 full)")
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         *goal_lines(results[False], "forward"),
         *goal_lines(results[True], "forward + backward"),
         "",
-        "Where the time goes (CPU, eager PyTorch): the range reduction reads the tensor once (amin and amax; "
+        "Where the time goes (CPU, eager PyTorch): the range reduction reads the tensor twice (amin, then amax; "
         "per-(sample, channel) reductions over small maps such as 7x7 are slower than one reduction over the "
         "whole tensor), then fake quantization makes one output allocation and four in-place elementwise "
         "passes (multiply by 1/scale, round, clamp as max/min against the zero-point-shifted bounds, "

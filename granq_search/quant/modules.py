@@ -170,11 +170,11 @@ class ActQuantizer(nn.Module):
         self._sse_fine: torch.Tensor | float = 0.0
         self._observed = 0
 
-    def _chosen(self) -> Granularity:
+    def _chosen(self, check: bool = True) -> Granularity:
         """The granularity in use (before any single-value fallback)."""
         g = self._gran
         if isinstance(g, ThresholdSelected):
-            if not self._calibrated:
+            if check and not self._calibrated:
                 raise RuntimeError(f"activation site '{self.site}' has granularity 'threshold', which is chosen on "
                                    "calibration data; call calibrate() first")
             return g.fine if self._fine else g.coarse
@@ -242,7 +242,7 @@ class ActQuantizer(nn.Module):
         if self.range_mode == "static":
             assert self._obs_lo is not None and self._obs_hi is not None
             lo, hi = self._obs_lo, self._obs_hi
-            if isinstance(self._chosen_unchecked(), PerTensor):
+            if isinstance(self._chosen(check=False), PerTensor):
                 ones = (1,) * lo.dim()
                 lo, hi = lo.amin().reshape(ones), hi.amax().reshape(ones)
             self.lo = lo.clone()
@@ -250,12 +250,6 @@ class ActQuantizer(nn.Module):
         self.calibrated.fill_(True)
         self._calibrated = True
         self._reset_observations()
-
-    def _chosen_unchecked(self) -> Granularity:
-        g = self._gran
-        if isinstance(g, ThresholdSelected):
-            return g.fine if self._fine else g.coarse
-        return g
 
     # ------------------------------------------------------------------ forward
 

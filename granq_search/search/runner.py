@@ -26,6 +26,7 @@ the best configuration is exported to ``best.yaml``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -451,7 +452,9 @@ def run_search(
                     verbose=1 if progress else 0,
                 ),
             )
-        grid = tuner.fit()
+        quiet = {} if progress else {"RAY_AIR_NEW_OUTPUT": "0"}  # the new engine prints a header even at 0
+        with _env(quiet):
+            grid = tuner.fit()
         num_trials = len(grid)
         finished = grid.num_terminated + grid.num_errors == num_trials
         study, _ = open_study(the_space, str(paths.journal), name)
@@ -499,6 +502,20 @@ def run_search(
     record.update(outcome={k: v for k, v in outcome.to_dict().items() if k not in ("leaderboard",)})
     _write_record(paths.record, record)
     return outcome
+
+
+@contextlib.contextmanager
+def _env(values: Mapping[str, str]):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _TrialConfig:

@@ -20,8 +20,10 @@ and pays twice for duplicate proposals. This searcher:
   (``duplicate_of`` user attr) and the sampler is asked again. A proposal identical to a
   trial that is still running is *deferred*: it stays RUNNING and waits for the original, is
   told the original's outcome when that finishes, and the sampler is asked again for this Ray
-  trial. After ``max_retries`` proposals in a row that are not worth training, ``suggest``
-  returns ``Searcher.FINISHED`` (the space is exhausted);
+  trial. After three proposals in a row that are not worth training, a seeded random sampler
+  proposes instead (TPE concentrates on what it knows; in a small space it then proposes only
+  duplicates); after ``max_retries`` of them ``suggest`` returns ``Searcher.FINISHED`` (the space
+  is exhausted);
 * limits concurrency itself (``set_max_concurrency`` returns True, so Ray's
   ``ConcurrencyLimiter`` passes everything through; the limiter would otherwise drop the results
   of errored trials that ``--resume`` restarts);
@@ -149,7 +151,8 @@ class OptunaSearcher(Searcher):
         study_name: the Optuna study name (the search name).
         cost_fn: ``cfg -> {metric: value}`` for the space's constraints, computed from the
             config before a trial trains (picklable; see :class:`granq_search.search.costs.EfficiencyCost`).
-        max_retries: proposals in a row not worth training before the search is declared done.
+        max_retries: proposals in a row not worth training before the search is declared done
+            (after the first three of them, proposals come from a seeded random sampler).
     """
 
     def __init__(self, space: SearchSpace, *, journal_path: str, study_name: str,
@@ -162,6 +165,7 @@ class OptunaSearcher(Searcher):
         self.study_name = study_name
         self.cost_fn = cost_fn
         self.max_retries = int(max_retries)
+        self.fallback_after = 3
         self.max_concurrent = 0
         self._live: dict[str, int] = {}      # Ray trial id -> Optuna number, asked and not yet told
         self._done: dict[str, int] = {}      # Ray trial id -> Optuna number, told
@@ -208,8 +212,8 @@ class OptunaSearcher(Searcher):
         from optuna.trial import TrialState
 
         dists = self.space.distributions()
-        for _ in range(self.max_retries):
-            trial = study.ask(dists)
+        for attempt in range(self.max_retries):
+            trial = self._ask(study, dists, attempt)
             params = dict(trial.params)
             key = params_key(params)
             original = self._finished_twin(key, trial.number)
@@ -251,6 +255,22 @@ class OptunaSearcher(Searcher):
                     "invalid or over budget; ending the search (the space looks exhausted)", self.max_retries)
         study.set_user_attr("exhausted", True)
         return Searcher.FINISHED
+
+    def _ask(self, study, dists, attempt: int):
+        """The space's sampler first; after ``fallback_after`` unusable proposals in a row a seeded
+        random sampler (TPE concentrates on what it knows, and a small space then yields only
+        duplicates)."""
+        if attempt < self.fallback_after:
+            return study.ask(dists)
+        import optuna
+
+        own = study.sampler
+        study.sampler = optuna.samplers.RandomSampler(seed=self.space.sampler.seed + 7919 * (attempt + 1)
+                                                      + len(study.get_trials(deepcopy=False)))
+        try:
+            return study.ask(dists)
+        finally:
+            study.sampler = own
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         pass  # intermediate results are ASHA's business; Optuna has no multi-objective pruner

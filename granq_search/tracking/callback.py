@@ -242,7 +242,7 @@ class SearchRecorder(Callback):
         self._last_error: str | None = None
         self._last_failure_at = 0.0
         self._reconciled = False
-        self._finished = False
+        self._finished: str | bool = False
         self._live: set[str] = set()
         self._requested: set[str] = set()
         self.dropped: list[str] = []
@@ -325,7 +325,7 @@ class SearchRecorder(Callback):
         if run is None:
             tags[TAG.COMMAND] = command
             run = self.client.create_run(exp_id, tags=tags, run_name=self.search_name)
-            existing_tags: dict[str, str] = {}
+            existing_tags: dict[str, str] = dict(tags)
             existing_params: dict[str, str] = {}
         else:
             existing_tags = dict(run.data.tags)
@@ -587,12 +587,15 @@ class SearchRecorder(Callback):
 
     def _close_op(self, trial: Any, *, errored: bool = False, interrupted: bool = False) -> _Op:
         tid = str(trial.trial_id)
+        last = getattr(trial, "last_result", None) or {}
+        if interrupted and not errored and tid not in self._failures:
+            return _Op("close", tid, {"status": "KILLED", "label": "interrupted"})
+        reported = last.get("failure_reason")
+        if isinstance(reported, str) and reported.strip() and tid not in self._failures:
+            self._failures[tid] = " ".join(reported.split())[:MAX_REASON]  # e.g. seen again on resume
         if errored or tid in self._failures:
             reason = self._failures.get(tid) or failure_reason(trial)
             return _Op("close", tid, {"status": "FAILED", "label": "failed", "reason": reason})
-        if interrupted:
-            return _Op("close", tid, {"status": "KILLED", "label": "interrupted"})
-        last = getattr(trial, "last_result", None) or {}
         child = self._children.get(tid)
         if tid in self._final_seen or last.get("final") == 1 or (child is not None and child.has_final):
             return _Op("close", tid, {"status": "FINISHED", "label": "finished"})
@@ -727,7 +730,11 @@ class SearchRecorder(Callback):
         Raises TrackingError (one line) when writes are still unrecorded after retrying.
         """
         status = status.upper()
-        label = {"FINISHED": "finished", "KILLED": "interrupted", "FAILED": "failed"}.get(status, status.lower())
+        if status not in ("FINISHED", "KILLED", "FAILED"):
+            raise ValueError(f"finish(status={status!r}): use FINISHED, KILLED or FAILED")
+        if self._finished == status and not self._pending:
+            return  # already closed with this status
+        label = {"FINISHED": "finished", "KILLED": "interrupted", "FAILED": "failed"}[status]
         for attempt in range(3):
             if self._flush(force=True):
                 break
@@ -735,11 +742,16 @@ class SearchRecorder(Callback):
         if not self._pending:
             try:
                 self._close_stragglers()
-                self._log_parent_artifacts()
+                try:
+                    self._log_parent_artifacts()
+                except Exception as e:  # noqa: BLE001 - derived data: `leaderboard --plot` redraws it
+                    log.warning("search %s: leaderboard.csv/pareto.png not stored in MLflow (%s: %s); "
+                                "`python tune_main.py leaderboard --plot FILE.png` recreates them",
+                                self.search_name, type(e).__name__, e)
                 parent = self._ensure_parent()
                 self._log_tags(parent, {TAG.STATUS: label})
                 self.client.set_terminated(parent, status=status)
-                self._finished = True
+                self._finished = status
             except Exception as e:  # noqa: BLE001 - reported below
                 self._last_error = f"closing the search: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 self._pending.append(_Op("parent"))
@@ -772,7 +784,7 @@ class SearchRecorder(Callback):
             return
         with tempfile.TemporaryDirectory(prefix="granq_board_") as tmp:
             csv_path = Path(tmp, "leaderboard.csv")
-            csv_path.write_text(format_leaderboard(board, "csv"), encoding="utf-8")
+            csv_path.write_text(format_leaderboard(board, "csv", all_trials=True), encoding="utf-8")
             self.client.log_artifact(self._parent_id, str(csv_path))
             try:
                 png = plot_pareto(board.df, board.objectives, Path(tmp, "pareto.png"), search=board.search,

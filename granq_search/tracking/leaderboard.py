@@ -544,9 +544,11 @@ def plot_pareto(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]], path:
     ax.set_xlabel(nice.get(cost, cost))
     ax.set_ylabel("best validation top-1 (%)" if use_acc else "-(validation drop) (points)")
     n = {s: int((status == s).sum()) for s in ("finished", "pruned", "failed", "running", "interrupted")}
-    not_plotted = int((~plottable).sum())
+    missing = status[~plottable].value_counts()
+    not_plotted = ", ".join(f"{n} {s}" for s, n in missing.items())
     counts = ", ".join(f"{v} {k}" for k, v in n.items() if v)
-    sub = counts + (f"; {not_plotted} without metrics not plotted" if not_plotted else "")
+    what = "BitOPs" if cost == "bitops" else cost
+    sub = counts + (f"; not plotted (no {what} or accuracy recorded): {not_plotted}" if not_plotted else "")
     ax.set_title(f"Pareto front of search '{search}'" if search else "Pareto front", fontsize=12)
     fig.text(0.5, 0.005, sub, ha="center", va="bottom", fontsize=8.5, color="#444444")
     if not plottable.any():
@@ -554,7 +556,7 @@ def plot_pareto(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]], path:
                 color="#888888")
     ax.grid(True, which="both", alpha=0.25)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

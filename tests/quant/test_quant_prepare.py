@@ -185,3 +185,16 @@ def test_calibrated_student_round_trips_through_state_dict(many_sites):
     assert torch.equal(fresh(x), student(x))
     assert site_report(fresh) == site_report(student)
     assert all(isinstance(q, ActQuantizer) and q.is_calibrated for _, q in act_quantizers(fresh))
+
+
+def test_student_deep_copies_and_pickles(many_sites, tmp_path):
+    student = prepare(many_sites, cfg(act={"granularity": "threshold"}))
+    from granq_search.quant import calibrate
+
+    calibrate(student, [torch.randn(2, 3, 8, 8)])
+    x = torch.randn(2, 3, 8, 8)
+    twin = copy.deepcopy(student)
+    assert torch.equal(twin(x), student(x))
+    torch.save(student, tmp_path / "student.pt")
+    loaded = torch.load(tmp_path / "student.pt", weights_only=False)
+    assert torch.equal(loaded(x), student(x))

@@ -141,15 +141,28 @@ def test_failure_reason_and_failed_status(store, tmp_path):
 
 
 def test_failure_reported_in_a_result(store):
+    """The trainable ends recognised failures with one report: final 1.0 + failure_reason."""
     rec = make_recorder(store)
     rec.setup()
-    t = FakeTrial("t1")
+    t, u = FakeTrial("t1"), FakeTrial("t2")
     rec.on_trial_start(0, [t], t)
-    rec.on_trial_result(0, [t], t, epoch_result(1, 50.0, failure_reason="out of memory on cuda:0\nmore"))
+    rec.on_trial_result(0, [t], t, epoch_result(1, 50.0))
+    failure = {"final": 1.0, "failure_reason": "out of memory on cuda:0\nmore", "val_top1": 51.0,
+               "training_iteration": 2}
+    t.last_result = failure
+    rec.on_trial_result(0, [t], t, failure)
     _complete(rec, t)
-    rec.finish()
-    (child,) = runs_of(store, kind="trial")
-    assert child.info.status == "FAILED" and child.data.tags[TAG.FAILURE] == "out of memory on cuda:0 more"
+    # the same kind of trial, ended while the store was unreachable: a resumed recorder closes it
+    rec.on_trial_start(0, [u], u)
+    u.status, u.last_result = "TERMINATED", dict(failure, failure_reason="TrainingDiverged: NaN")
+    resumed = make_recorder(store)
+    resumed.setup()
+    resumed.on_step_begin(0, [t, u])
+    resumed.finish()
+    by_name = {r.info.run_name: r for r in runs_of(store, kind="trial")}
+    assert by_name["t1"].info.status == "FAILED"
+    assert by_name["t1"].data.tags[TAG.FAILURE] == "out of memory on cuda:0 more"
+    assert by_name["t2"].info.status == "FAILED" and by_name["t2"].data.tags[TAG.FAILURE] == "TrainingDiverged: NaN"
 
 
 def test_failure_reason_parsing():
@@ -268,3 +281,26 @@ def test_params_are_not_rewritten_on_reuse(store, caplog):
     (child,) = runs_of(store, kind="trial")
     assert child.data.params["quant.act.bits"] == "3"
     assert "immutable" in caplog.text
+
+
+def test_dead_server_never_blocks_the_search(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rec = make_recorder(f"http://127.0.0.1:{port}", "down")
+    t0 = time.monotonic()
+    rec.setup()
+    t = FakeTrial("t1")
+    rec.on_trial_start(0, [t], t)
+    for e in (1, 2, 3):
+        rec.on_trial_result(0, [t], t, epoch_result(e, 80.0 + e, final=e == 3))
+    _complete(rec, t)
+    rec.on_experiment_end([t])
+    assert rec.pending >= 5  # everything kept, in order
+    with pytest.raises(TrackingError, match=rf"could not be recorded at http://127.0.0.1:{port} .*does not answer"):
+        rec.finish()
+    assert time.monotonic() - t0 < 10
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,121 @@
+"""Persistent ASHA (rung records survive a restart) and the Ray reporter's contract."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from ray.tune.schedulers import TrialScheduler
+
+from granq_search.search.report import RayReporter, scalar_metrics
+from granq_search.search.scheduler import PersistentASHA, asha_for
+from granq_search.search.space import load_space
+
+
+def trial(tid: str):
+    return SimpleNamespace(trial_id=tid)
+
+
+def asha(path: Path) -> PersistentASHA:
+    return PersistentASHA(path, time_attr="epoch", metric="val_top1", mode="max", max_t=8, grace_period=2,
+                          reduction_factor=2)
+
+
+def test_restored_scheduler_decides_like_the_original(tmp_path):
+    state = tmp_path / "scheduler_state.json"
+    original = asha(state)
+    stale = pickle.dumps(original)  # what Tuner.restore unpickles from tuner.pkl: the state before any trial
+    for i, acc in enumerate([50.0, 60.0, 70.0, 80.0]):
+        original.on_trial_add(None, trial(f"t{i}"))
+        original.on_trial_result(None, trial(f"t{i}"), {"epoch": 2, "val_top1": acc})
+    saved = json.loads(state.read_text())
+    assert saved["brackets"][0][-1][0] == 2 and len(saved["brackets"][0][-1][1]) == 4
+    text = state.read_text()
+
+    for result, want in (({"epoch": 2, "val_top1": 55.0}, TrialScheduler.STOP),
+                         ({"epoch": 2, "val_top1": 79.0}, TrialScheduler.CONTINUE)):
+        ref = copy.deepcopy(original)
+        ref.on_trial_add(None, trial("new"))
+        assert ref.on_trial_result(None, trial("new"), dict(result)) == want
+        for restored in (pickle.loads(stale), asha(state)):  # unpickled stale copy, or built anew
+            state.write_text(text)
+            restored.on_trial_add(None, trial("new"))
+            assert restored.on_trial_result(None, trial("new"), dict(result)) == want
+    # without the file (all Ray restores by itself) the weak trial would have passed the rung
+    empty = asha(tmp_path / "elsewhere.json")
+    empty.on_trial_add(None, trial("new"))
+    assert empty.on_trial_result(None, trial("new"), {"epoch": 2, "val_top1": 55.0}) == TrialScheduler.CONTINUE
+
+
+def test_failure_report_without_epoch_takes_no_decision(tmp_path):
+    s = asha(tmp_path / "s.json")
+    s.on_trial_add(None, trial("a"))
+    assert s.on_trial_result(None, trial("a"), {"final": 1.0, "failure_reason": "x", "val_top1": math.nan}) == \
+        TrialScheduler.CONTINUE
+    s.on_trial_complete(None, trial("a"), {"final": 1.0, "val_top1": math.nan})
+    s.on_trial_error(None, trial("b"))  # unknown trial: no error
+
+
+def test_asha_for_space(tmp_path):
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump({
+        "base": "digits", "fidelity": {"train.epochs": 6, "train.warmup_epochs": 2},
+        "objectives": [{"metric": "val_drop", "mode": "min"}],
+        "parameters": {"quant.act.threshold": {"type": "float", "low": 0, "high": 1}},
+        "scheduler": {"type": "asha", "reduction_factor": 3, "grace_period": 1}}))
+    sched = asha_for(load_space(p), tmp_path / "state.json")
+    assert sched._time_attr == "epoch" and sched._metric == "val_top1" and sched._mode == "max"
+    assert sched._max_t == 6 and sched._brackets[0]._rungs[-1][0] == 3  # warm-up 2 + grace 1
+    p.write_text(p.read_text().replace("type: asha", "type: none").replace("reduction_factor: 3\n", "")
+                 .replace("grace_period: 1", ""))
+    assert asha_for(load_space(p), tmp_path / "state.json") is None
+
+
+# --------------------------------------------------------------------------- reporter
+
+
+def test_reporter_holds_back_the_last_epoch(tmp_path):
+    sent = []
+    r = RayReporter(3, extra={"node_id": "n1"}, report=lambda m, c: sent.append((m, c)))
+    ckpt = tmp_path / "last.pt"
+    for epoch in range(3):
+        r.on_epoch_end(epoch, {"epoch": epoch + 1, "val_top1": 90.0 + epoch, "val_drop": 8.0 - epoch,
+                               "warmup": epoch == 0}, ckpt)
+    assert len(sent) == 2 and all(c == tmp_path for _, c in sent)
+    assert sent[0][0]["warmup"] == 1.0 and "final" not in sent[0][0]
+    r.on_end({"val_top1": 92.0, "val_drop": 5.5, "test_top1": 91.0, "bitops": 1e7, "history": [{}],
+              "granularity_sites": [{"site": "relu", "granularity": "per_tensor"}], "stopped_early": False,
+              "efficiency": {"x": 1}})
+    last, ckpt_dir = sent[-1]
+    assert len(sent) == 3 and ckpt_dir == tmp_path
+    assert last["epoch"] == 3 and last["final"] == 1.0 and last["val_drop"] == 5.5  # best-based drop wins
+    assert last["node_id"] == "n1" and last["stopped_early"] == 0.0
+    assert json.loads(last["sites_json"])[0]["site"] == "relu"
+    assert "history" not in last and "granularity_sites" not in last and "efficiency" not in last
+
+
+def test_reporter_failure_and_resume_after_last_epoch():
+    sent = []
+    r = RayReporter(2, report=lambda m, c: sent.append(m))
+    r.on_epoch_end(0, {"epoch": 1, "val_top1": 80.0}, None)
+    r.report_failure("training diverged:\n  the loss is nan")
+    assert sent[-1] == {"final": 1.0, "failure_reason": "training diverged: the loss is nan", "val_top1": 80.0}
+    sent.clear()
+    r = RayReporter(2, report=lambda m, c: sent.append(m))
+    r.on_end({"val_drop": 1.0, "history": [{"epoch": 2, "val_top1": 97.0}]})  # nothing left to train
+    assert sent == [{"epoch": 2, "val_top1": 97.0, "val_drop": 1.0, "final": 1.0}]
+
+
+def test_scalar_metrics_filter():
+    import torch
+
+    out = scalar_metrics({"a": 1, "b": True, "c": torch.tensor(2.5), "d": [1], "e": {"x": 1}, "f": "s" * 600,
+                          "g": "short", "history": 1.0})
+    assert out == {"a": 1, "b": 1.0, "c": 2.5, "g": "short"}
+    assert pytest.approx(out["c"]) == 2.5
