@@ -86,7 +86,7 @@ def test_quantized_student(capsys, extra):
 
 def test_unknown_model(capsys):
     line = _one_line_error(capsys, "--model", "resnet2")
-    assert "unknown model 'resnet2'; did you mean" in line and "--list-models" in line
+    assert "unknown model 'resnet2'; did you mean 'resnet20'?" in line and "--list-models" in line
 
 
 def test_missing_data_dir(capsys, tmp_path):

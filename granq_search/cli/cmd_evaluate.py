@@ -245,8 +245,9 @@ def _print_table(doc: dict[str, Any]) -> None:
     qd = doc["quant"]
     if qd is not None:
         c = qd["config"]
-        calib = (f", calibrated on {qd['calibrated_on']['batches']} val batches" if qd["calibrated_on"]
-                 else "")
+        cal = qd["calibrated_on"]
+        calib = (f", calibrated on {cal['images']} val images ({cal['batches']} batch"
+                 f"{'' if cal['batches'] == 1 else 'es'})" if cal else "")
         print(f"student  W{c['weight']['bits']}A{c['act']['bits']}, weights {c['weight']['granularity']}, "
               f"activations {c['act']['granularity']} ({c['act']['range_mode']} ranges){calib}")
     print()

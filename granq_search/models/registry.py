@@ -104,8 +104,11 @@ def _entry(name: str) -> _Entry:
     entry = _REGISTRY.get(name)
     if entry is None:
         # Compare case-insensitively, ignoring '-' and '_', so 'ResNet-20' suggests 'resnet20'.
+        # A name that extends the query ('resnet2' -> 'resnet20') wins over edit distance.
         norm = {_normalise(k): k for k in sorted(_REGISTRY)}
-        close = difflib.get_close_matches(_normalise(name), list(norm), n=1, cutoff=0.4)
+        query = _normalise(name)
+        longer = sorted((k for k in norm if query and k.startswith(query)), key=len)
+        close = longer[:1] or difflib.get_close_matches(query, list(norm), n=1, cutoff=0.4)
         tip = f"did you mean '{norm[close[0]]}'? " if close else ""
         raise ModelError(f"unknown model '{name}'; {tip}(list: python tune_main.py evaluate --list-models)")
     return entry

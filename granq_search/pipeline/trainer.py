@@ -39,6 +39,10 @@ __all__ = ["run_training", "TrainingDiverged", "resolve_device", "resolve_config
            "measure_latency", "qat_step"]
 
 
+EPOCH_EFFICIENCY_KEYS = ("bitops", "size_bits", "act_scale_factors", "fine_fraction")
+"""Cost figures repeated in every epoch's metrics, so early-stopped trials can be priced too."""
+
+
 class TrainingDiverged(GranqError):
     """A loss became NaN or infinite; the configuration is unusable as given."""
 
@@ -306,6 +310,7 @@ def run_training(
         warm = epoch < tc.warmup_epochs
         if epoch == tc.warmup_epochs and tc.warmup_epochs > 0 and needs_calibration(student):
             calibrate_on_generator()  # ranges and thresholds from the warmed-up generator
+            eff = efficiency(student, in_shape)
         _student_mode(student, tc.student_bn)
         generator.train()
         sums = {"g_total": 0.0, "g_margin": 0.0, "g_ce": 0.0, "g_bns": 0.0, "s_loss": 0.0}
@@ -337,6 +342,7 @@ def run_training(
             "lr_student": lr_s if not warm else 0.0,
             "lr_generator": lr_g,
             "epoch_time_s": time.perf_counter() - t_epoch,
+            **{k: eff[k] for k in EPOCH_EFFICIENCY_KEYS},
             **{k: v / tc.iters_per_epoch for k, v in sums.items()},
         }
         history.append(metrics)

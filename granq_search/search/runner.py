@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -368,92 +369,90 @@ def run_search(
     from granq_search.search.searcher import OptunaSearcher, close_running_trials, open_study
     from granq_search.search.trainable import make_trainable
 
-    paths.root.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        record = {
-            "name": name,
-            "created": time.time(),
-            "space_file": the_space.source,
-            "objectives": [{"metric": o.metric, "mode": o.mode} for o in the_space.objectives],
-            "space": the_space.to_record(),
-            "base_config": to_dict(the_space.base),
-            "search_config": to_dict(the_space.search_base),
-            "num_samples": num_samples,
-            "max_concurrent": max_concurrent,
-            "storage_path_arg": storage_arg,
-            "ray_path": ray_path,
-            "journal": str(paths.journal),
-            "scheduler_state": str(paths.scheduler_state),
-            "study_name": name,
-            "tracking_uri": uri,
-            "teacher": {"source": teacher_source, "sha256": teacher_sha},
-        }
-        open_study(the_space, str(paths.journal), name, create=True)  # enqueues the initial points
-    record.update(status="running", updated=time.time(), cpus_per_trial=cpus_per_trial,
-                  gpus_per_trial=gpus_per_trial, address=address,
-                  resumes=int(record.get("resumes", -1)) + 1)
-    _write_record(paths.record, record)
-
-    started_ray = False
-    old_chdir = os.environ.get("RAY_CHDIR_TO_TRIAL_DIR")
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # propagated by Ray to every trial actor
-    # one checkpoint per epoch with num_to_keep=2 forces frequent experiment snapshots, by design
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started_ray = _connect(address, progress)  # before any folder: a refused connection leaves nothing
+    made_root = not paths.root.exists()
+    fit_started = False
     recorder = None
     status = "interrupted"
     notes: list[str] = []
+    num_trials = 0
+    # Trials must not depend on their working directory: Ray propagates this variable to every
+    # trial actor (and relative paths were made absolute above).
+    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0",
+           # one checkpoint per epoch with num_to_keep=2 forces frequent snapshots, by design
+           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S":
+               os.environ.get("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")}
+    if not progress:
+        env["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine prints a header even at verbose 0
     try:
-        if not ray.is_initialized():
-            init: dict[str, Any] = {"log_to_driver": bool(progress), "configure_logging": True,
-                                    "logging_level": "WARNING" if not progress else "INFO",
-                                    "runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}}
-            if local:
-                init["include_dashboard"] = False
+        with _env(env):
+            paths.root.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                record = {
+                    "name": name,
+                    "created": time.time(),
+                    "space_file": the_space.source,
+                    "objectives": [{"metric": o.metric, "mode": o.mode} for o in the_space.objectives],
+                    "space": the_space.to_record(),
+                    "base_config": to_dict(the_space.base),
+                    "search_config": to_dict(the_space.search_base),
+                    "num_samples": num_samples,
+                    "max_concurrent": max_concurrent,
+                    "storage_path_arg": storage_arg,
+                    "ray_path": ray_path,
+                    "journal": str(paths.journal),
+                    "scheduler_state": str(paths.scheduler_state),
+                    "study_name": name,
+                    "tracking_uri": uri,
+                    "teacher": {"source": teacher_source, "sha256": teacher_sha},
+                }
+                open_study(the_space, str(paths.journal), name, create=True)  # enqueues the initial points
+            record.update(status="running", updated=time.time(), cpus_per_trial=cpus_per_trial,
+                          gpus_per_trial=gpus_per_trial, address=address,
+                          resumes=int(record.get("resumes", -1)) + 1)
+            _write_record(paths.record, record)
+
+            fn = make_trainable(to_dict(trial_base), teacher_state=teacher_state, teacher_sha256=teacher_sha,
+                                cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, function=trainable)
+            if tracking:
+                from granq_search.tracking import SearchRecorder
+
+                fidelity = dict(the_space.fidelity)
+                recorder = SearchRecorder(
+                    tracking_uri=uri, experiment_name="granq_search", search_name=name,
+                    parent_tags={
+                        "granq.space_file": the_space.source,
+                        "granq.fidelity": json.dumps(fidelity, default=str),
+                        "granq.production": json.dumps({p: get_path(the_space.base, p) for p in fidelity},
+                                                       default=str),
+                        "granq.search_dir": str(paths.root),
+                        "granq.ray_path": ray_path,
+                    },
+                    objectives=[{"metric": o.metric, "mode": o.mode} for o in the_space.objectives],
+                    trial_config=_TrialConfig(the_space.search_base),
+                )
+            if resume:
+                # The searcher, scheduler and recorder come back from Ray's tuner.pkl: they reopen
+                # the journal, reload the rung records and find their MLflow runs by themselves.
+                # ``recorder`` above is a second instance for finish(), which works on any instance.
+                tuner = tune.Tuner.restore(ray_path, trainable=fn, resume_unfinished=True, resume_errored=True)
             else:
-                init["address"] = address
-            ray.init(**init)
-            started_ray = True
-
-        fn = make_trainable(to_dict(trial_base), teacher_state=teacher_state, teacher_sha256=teacher_sha,
-                            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, function=trainable)
-        if tracking:
-            from granq_search.tracking import SearchRecorder
-
-            fidelity = dict(the_space.fidelity)
-            recorder = SearchRecorder(
-                tracking_uri=uri, experiment_name="granq_search", search_name=name,
-                parent_tags={
-                    "granq.space_file": the_space.source,
-                    "granq.fidelity": json.dumps(fidelity, default=str),
-                    "granq.production": json.dumps({p: get_path(the_space.base, p) for p in fidelity}, default=str),
-                    "granq.search_dir": str(paths.root),
-                    "granq.ray_path": ray_path,
-                },
-                objectives=[{"metric": o.metric, "mode": o.mode} for o in the_space.objectives],
-                trial_config=_TrialConfig(the_space.search_base),
-            )
-        if resume:
-            # The searcher, scheduler and recorder come back from Ray's tuner.pkl; they reopen the
-            # journal, reload the rung records and find their MLflow runs by themselves.
-            tuner = tune.Tuner.restore(ray_path, trainable=fn, resume_unfinished=True, resume_errored=True)
-        else:
-            searcher = OptunaSearcher(the_space, journal_path=str(paths.journal), study_name=name,
-                                      cost_fn=EfficiencyCost() if the_space.constraints else None)
-            scheduler = asha_for(the_space, paths.scheduler_state)
-            tuner = tune.Tuner(
-                fn,
-                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                            max_concurrent_trials=max_concurrent, reuse_actors=True),
-                run_config=tune.RunConfig(
-                    name=ray_name, storage_path=ray_storage,
-                    failure_config=tune.FailureConfig(max_failures=2),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[*([recorder] if recorder is not None else []), *callbacks],
-                    verbose=1 if progress else 0,
-                ),
-            )
-        quiet = {} if progress else {"RAY_AIR_NEW_OUTPUT": "0"}  # the new engine prints a header even at 0
-        with _env(quiet):
+                searcher = OptunaSearcher(the_space, journal_path=str(paths.journal), study_name=name,
+                                          cost_fn=EfficiencyCost() if the_space.constraints else None)
+                scheduler = asha_for(the_space, paths.scheduler_state)
+                tuner = tune.Tuner(
+                    fn,
+                    tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                                max_concurrent_trials=max_concurrent, reuse_actors=True),
+                    run_config=tune.RunConfig(
+                        name=ray_name, storage_path=ray_storage,
+                        failure_config=tune.FailureConfig(max_failures=2),
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                        callbacks=[*([recorder] if recorder is not None else []), *callbacks],
+                        verbose=1 if progress else 0,
+                    ),
+                )
+            fit_started = True
             grid = tuner.fit()
         num_trials = len(grid)
         finished = grid.num_terminated + grid.num_errors == num_trials
@@ -461,24 +460,30 @@ def run_search(
         exhausted = bool(study.user_attrs.get("exhausted"))
         if finished and (num_trials >= num_samples or exhausted):
             status = "exhausted" if exhausted and num_trials < num_samples else "finished"
+    except BaseException:
+        if not fit_started and made_root:  # nothing worth keeping was written
+            shutil.rmtree(paths.root, ignore_errors=True)
+            if started_ray:
+                ray.shutdown()
+            raise
+        status = "interrupted"
+        raise
     finally:
-        closed = close_running_trials(str(paths.journal), name)
-        if closed and status != "interrupted":
-            notes.append(f"{closed} Optuna trial(s) were still RUNNING at the end and were told FAIL")
-        if old_chdir is None:
-            os.environ.pop("RAY_CHDIR_TO_TRIAL_DIR", None)
-        else:
-            os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = old_chdir
-        if started_ray:
-            ray.shutdown()
-        record.update(status=status, updated=time.time())
-        _write_record(paths.record, record)
-        if recorder is not None:
-            # finish() also runs when fit() raised; its own error must not hide the first one
-            try:
-                recorder.finish("FINISHED" if status != "interrupted" else "KILLED")
-            except GranqError as e:
-                notes.append(str(e))
+        if fit_started or not made_root:
+            closed = close_running_trials(str(paths.journal), name)
+            if closed and status != "interrupted":
+                notes.append(f"{closed} Optuna trial(s) were still RUNNING at the end and were told FAIL")
+            if started_ray and ray.is_initialized():
+                ray.shutdown()
+            if paths.record.is_file():
+                record.update(status=status, updated=time.time())
+                _write_record(paths.record, record)
+            if recorder is not None and fit_started:
+                # also when fit() raised; the recorder's own error must not hide the first one
+                try:
+                    recorder.finish("FINISHED" if status != "interrupted" else "KILLED")
+                except GranqError as e:
+                    notes.append(str(e))
 
     study, _ = open_study(the_space, str(paths.journal), name)
     outcome = SearchOutcome(
@@ -502,6 +507,33 @@ def run_search(
     record.update(outcome={k: v for k, v in outcome.to_dict().items() if k not in ("leaderboard",)})
     _write_record(paths.record, record)
     return outcome
+
+
+def _connect(address: str | None, progress: bool) -> bool:
+    """Start Ray locally (``address`` None) or connect to a cluster, unless Ray is already up.
+    Returns True when this call started or connected Ray (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    init: dict[str, Any] = {"log_to_driver": bool(progress), "configure_logging": True,
+                            "logging_level": "INFO" if progress else "WARNING",
+                            "runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}}
+    if address is None:
+        init["include_dashboard"] = False
+    else:
+        init["address"] = address
+    try:
+        ray.init(**init)
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        first = " ".join(str(e).split())[:300]
+        where = "start Ray locally" if address is None else f"connect to the Ray cluster at {address}"
+        hint = "; is it running (`ray status`)?"
+        if "auth" in first.lower() or "token" in first.lower():
+            hint = ("; the cluster uses token authentication: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                    "(`ray get-auth-token` on the head node), see docs/cluster.md")
+        raise SearchError(f"cannot {where} ({type(e).__name__}: {first}){hint}") from None
+    return True
 
 
 @contextlib.contextmanager

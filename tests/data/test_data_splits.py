@@ -65,7 +65,6 @@ def test_digits_eval_data_deterministic_and_disjoint():
     # Disjoint: the val and test images come from disjoint index sets of the evaluation part.
     assert len(a.val.dataset) + len(a.test.dataset) == 719
     # Normalised with the given statistics (sklearn digits are 0..16).
-    images, _ = load_digits_uint8()
     assert abs(float(xa.min()) - (0 - DIGITS_MEAN[0]) / DIGITS_STD[0]) < 1e-5
 
 
