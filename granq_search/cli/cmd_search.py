@@ -7,6 +7,7 @@ time, on this machine. Everything a user can get wrong is checked before Ray sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from granq_search.cli.common import add_format_flag, emit_json
@@ -62,13 +63,16 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = parse_set_args(args.set)
     json_out = args.format == "json"
-    outcome = run_search(
-        args.space, name=args.name, output_dir=args.output_dir, num_samples=args.num_samples,
-        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, address=args.address, storage_path=args.storage_path,
-        tracking_uri=args.tracking_uri, resume=args.resume, set_overrides=overrides,
-        progress=not (args.no_progress or json_out),
-    )
+    # --format json: stdout carries exactly one JSON document; anything else printed meanwhile
+    # (Ray, MLflow, progress) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
+        outcome = run_search(
+            args.space, name=args.name, output_dir=args.output_dir, num_samples=args.num_samples,
+            max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial, address=args.address, storage_path=args.storage_path,
+            tracking_uri=args.tracking_uri, resume=args.resume, set_overrides=overrides,
+            progress=not (args.no_progress or json_out),
+        )
     for note in outcome.notes:
         print(f"warning: {' '.join(note.split())}", file=sys.stderr)
     if json_out:
@@ -87,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
         if outcome.best_config:
             print(f"best config: {outcome.best_config}")
             print(f"train it at full budget: python tune_main.py train --config {outcome.best_config}")
+        uri = f" --tracking-uri {outcome.tracking_uri}" if args.tracking_uri else ""
         print(f"search folder: {outcome.path}  (leaderboard: python tune_main.py leaderboard "
-              f"--output-dir {args.output_dir} --search {outcome.name})")
+              f"--output-dir {args.output_dir} --search {outcome.name}{uri})")
     if outcome.status == "interrupted":
         print(f"error: search {outcome.name} was interrupted; continue it with: python tune_main.py search "
               f"--resume --name {outcome.name} --output-dir {args.output_dir}", file=sys.stderr)

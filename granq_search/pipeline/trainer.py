@@ -101,10 +101,14 @@ def build_setup(cfg: ExperimentConfig, device: str | torch.device = "auto", *,
     training the teacher again in every trial.
     """
     from granq_search.data import build_eval_data
-    from granq_search.models import build_teacher, create_model
+    from granq_search.models import build_teacher, create_model, model_info
 
     dev = resolve_device(device)
     cfg = resolve_config(cfg)
+    in_channels = model_info(cfg.model.name, cfg.model.num_classes).in_channels
+    # data first: a wrong folder fails in a second, before any teacher is loaded or trained
+    data = build_eval_data(cfg.data, mean=cfg.model.mean, std=cfg.model.std,
+                           image_size=cfg.model.image_size, num_classes=cfg.model.num_classes)
     if teacher_state is not None:
         teacher = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
         teacher.load_state_dict(teacher_state)
@@ -115,11 +119,6 @@ def build_setup(cfg: ExperimentConfig, device: str | torch.device = "auto", *,
     teacher = teacher.to(dev).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    from granq_search.models import model_info
-
-    in_channels = model_info(cfg.model.name, cfg.model.num_classes).in_channels
-    data = build_eval_data(cfg.data, mean=cfg.model.mean, std=cfg.model.std,
-                           image_size=cfg.model.image_size, num_classes=cfg.model.num_classes)
     return Setup(cfg=cfg, device=dev, teacher=teacher, in_channels=in_channels, val=data.val, test=data.test,
                  data_meta=dict(data.meta), checkpoint_sha256=sha,
                  teacher_val=evaluate(teacher, data.val, dev), teacher_test=evaluate(teacher, data.test, dev))
