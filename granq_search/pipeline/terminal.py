@@ -46,13 +46,17 @@ def summary_rows(final: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 class TerminalReporter(Reporter):
-    def __init__(self, stream: TextIO = sys.stderr, progress: bool = True, epochs: int | None = None,
+    def __init__(self, stream: TextIO | None = None, progress: bool = True, epochs: int | None = None,
                  iters_per_epoch: int | None = None) -> None:
-        self.stream = stream
+        self._stream = stream
         self.progress = progress
         self.epochs = epochs
         self.iters = iters_per_epoch
         self._bar: tqdm | None = None
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stderr  # looked up late: may be replaced
 
     def on_start(self, info):
         print(f"teacher: val top-1 {info['teacher_val_top1']:.2f} %, test top-1 {info['teacher_test_top1']:.2f} %"

@@ -30,7 +30,37 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["train_trial", "make_trainable", "is_out_of_memory", "failure_message"]
+__all__ = ["train_trial", "make_trainable", "replay_finished", "is_out_of_memory", "failure_message",
+           "finished_results"]
+
+# Keys Ray adds to every result; a replayed final result leaves them to Ray.
+_RAY_KEYS = frozenset({
+    "config", "trial_id", "experiment_tag", "date", "timestamp", "time_this_iter_s", "time_total_s",
+    "time_since_restore", "iterations_since_restore", "training_iteration", "pid", "hostname", "node_ip",
+    "done", "should_checkpoint", "checkpoint_dir_name", "timesteps_total", "episodes_total",
+    "timesteps_since_restore", "replayed",
+})
+
+
+def finished_results(ray_path: str | Path) -> dict[str, dict[str, Any]]:
+    """``{trial id: its final report}`` for every trial of a local Ray experiment folder whose
+    ``result.json`` (written as results arrive, unlike Ray's periodic experiment snapshot) ends
+    with ``final == 1``."""
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    root = Path(ray_path)
+    if not root.is_dir():
+        return out
+    for f in root.glob("*/result.json"):
+        try:
+            lines = [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            last = json.loads(lines[-1]) if lines else {}
+        except (OSError, ValueError):
+            continue
+        if last.get("final") == 1 and last.get("trial_id"):
+            out[str(last["trial_id"])] = {k: v for k, v in last.items() if k not in _RAY_KEYS}
+    return out
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -70,9 +100,26 @@ def _node_id() -> str:
         return ""
 
 
+def replay_finished(replay: Mapping[str, Mapping[str, Any]] | None) -> bool:
+    """A trial that already ended (its final report is on disk) but that Ray restarts because its
+    last experiment snapshot predates the end (the driver was killed): report the recorded final
+    result again, marked ``replayed``, instead of training again. True when replayed."""
+    if not replay:
+        return False
+    from ray import tune
+
+    final = replay.get(tune.get_context().get_trial_id())
+    if final is None:
+        return False
+    tune.report({**final, "replayed": 1.0})
+    return True
+
+
 def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
-                teacher_state: Mapping[str, Any] | None = None, teacher_sha256: str | None = None) -> None:
-    """Ray Tune function trainable (see the module docstring). ``config``: dotted path -> value."""
+                teacher_state: Mapping[str, Any] | None = None, teacher_sha256: str | None = None,
+                replay: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Ray Tune function trainable (see the module docstring). ``config``: dotted path -> value;
+    ``replay``: final results of trials that already ended (see :func:`replay_finished`)."""
     import torch
     from ray import tune
 
@@ -82,6 +129,8 @@ def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
     from granq_search.pipeline.trainer import build_setup, resolve_device, run_training
     from granq_search.search.report import RayReporter
 
+    if replay_finished(replay):
+        return
     threads = _trial_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -121,7 +170,7 @@ def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
 
 def make_trainable(base_cfg: Mapping[str, Any], *, teacher_state: Mapping[str, Any] | None,
                    teacher_sha256: str | None, cpus_per_trial: float, gpus_per_trial: float,
-                   function=None):
+                   function=None, replay: Mapping[str, Mapping[str, Any]] | None = None):
     """``tune.with_resources(tune.with_parameters(train_trial, ...), {"cpu": c, "gpu": g})``.
 
     ``function`` replaces :func:`train_trial` (same keyword parameters); for embedding and tests.
@@ -130,5 +179,5 @@ def make_trainable(base_cfg: Mapping[str, Any], *, teacher_state: Mapping[str, A
 
     fn = function or train_trial
     wrapped = tune.with_parameters(fn, base_cfg=dict(base_cfg), teacher_state=teacher_state,
-                                   teacher_sha256=teacher_sha256)
+                                   teacher_sha256=teacher_sha256, replay=dict(replay or {}))
     return tune.with_resources(wrapped, {"cpu": float(cpus_per_trial), "gpu": float(gpus_per_trial)})

@@ -41,11 +41,15 @@ def accuracy(config: dict, epoch: int, epochs: int) -> float:
     return 40.0 + 50.0 * min(quality, 1.0) * epoch / epochs
 
 
-def synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None):
+def synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None, replay=None):
     import ray
     from ray import tune
 
     from granq_search.search.report import RayReporter
+    from granq_search.search.trainable import replay_finished
+
+    if replay_finished(replay):
+        return
 
     epochs = int(base_cfg["train"]["epochs"])
     delay = SECONDS_PER_ITER * int(base_cfg["train"]["iters_per_epoch"])
@@ -75,7 +79,7 @@ def synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None
                      "test_top1": best, "epochs_run": epochs, "history": []})
 
 
-def oom_or_synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None):
+def oom_or_synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None, replay=None):
     """``quant.act.bits == 3``: the REAL ``train_trial`` whose training runs out of memory (the
     product code that classifies the error is exercised); anything else: ``synthetic_trial``."""
     if int(config.get("quant.act.bits", 4)) != 3:
