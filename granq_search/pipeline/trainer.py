@@ -30,7 +30,7 @@ from granq_search.pipeline.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from granq_search.pipeline.evaluation import evaluate
+from granq_search.pipeline.evaluation import evaluate, resolve_device
 from granq_search.pipeline.reporter import NullReporter, Reporter, StopTraining
 from granq_search.pipeline.schedule import lr_factor
 from granq_search.quant import calibrate, efficiency, needs_calibration, prepare, site_report
@@ -45,21 +45,6 @@ EPOCH_EFFICIENCY_KEYS = ("bitops", "size_bits", "act_scale_factors", "fine_fract
 
 class TrainingDiverged(GranqError):
     """A loss became NaN or infinite; the configuration is unusable as given."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto``: CUDA when present (the device Ray assigned, via CUDA_VISIBLE_DEVICES), else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise GranqError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GranqError(f"device '{device}' requested but CUDA is not available; use --device cpu")
-    return dev
 
 
 def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:

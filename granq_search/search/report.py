@@ -22,9 +22,23 @@ from typing import Any
 
 from granq_search.pipeline.reporter import Reporter
 
-__all__ = ["RayReporter", "scalar_metrics"]
+__all__ = ["RayReporter", "scalar_metrics", "RAY_KEYS", "own_metrics"]
 
 _DROP = ("history", "granularity_sites", "config", "data", "efficiency")
+
+#: Keys Ray adds to every result (not ours).
+RAY_KEYS = frozenset({
+    "config", "trial_id", "experiment_tag", "date", "timestamp", "time_this_iter_s", "time_total_s",
+    "time_since_restore", "iterations_since_restore", "training_iteration", "pid", "hostname", "node_ip",
+    "done", "should_checkpoint", "checkpoint_dir_name", "timesteps_total", "episodes_total",
+    "timesteps_since_restore", "replayed",
+})
+
+
+def own_metrics(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The trial's own numbers and short strings from a Ray result (``sites_json`` left out)."""
+    return {k: v for k, v in scalar_metrics(result).items() if k not in RAY_KEYS and k != "sites_json"
+            and not (isinstance(v, float) and not math.isfinite(v))}
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

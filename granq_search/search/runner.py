@@ -366,8 +366,8 @@ def run_search(
 
     from granq_search.search.costs import EfficiencyCost
     from granq_search.search.scheduler import asha_for
-    from granq_search.search.searcher import OptunaSearcher, close_running_trials, open_study
-    from granq_search.search.trainable import finished_results, make_trainable
+    from granq_search.search.searcher import OptunaSearcher, close_running_trials, open_study, replayable_results
+    from granq_search.search.trainable import make_trainable
 
     started_ray = _connect(address, progress)  # before any folder: a refused connection leaves nothing
     made_root = not paths.root.exists()
@@ -412,9 +412,9 @@ def run_search(
                           resumes=int(record.get("resumes", -1)) + 1)
             _write_record(paths.record, record)
 
-            # A killed driver's last Ray snapshot may predate the end of some trials; their final
-            # reports are on disk (local storage) and are replayed instead of trained again.
-            replay = finished_results(ray_path) if resume and not _URI.match(ray_path) else {}
+            # A killed driver's last Ray snapshot may predate the end of some trials; the study
+            # (written at once) has their last results: replayed, not trained again.
+            replay = replayable_results(the_space, str(paths.journal), name) if resume else {}
             fn = make_trainable(to_dict(trial_base), teacher_state=teacher_state, teacher_sha256=teacher_sha,
                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, function=trainable,
                                 replay=replay)

@@ -50,10 +50,11 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from granq_search.errors import ConfigError, SearchSpaceError
+from granq_search.search.report import own_metrics
 from granq_search.search.space import SearchSpace
 
 __all__ = ["OptunaSearcher", "open_study", "close_running_trials", "make_sampler", "params_key",
-           "LOST_REASON", "INTERRUPTED_REASON"]
+           "replayable_results", "error_state", "LOST_REASON", "INTERRUPTED_REASON"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,33 @@ def close_running_trials(journal_path: str, study_name: str, reason: str = INTER
                                     "failure_reason", reason)
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     return len(running)
+
+
+def error_state(state, reason: str | None) -> bool:
+    """A FAIL that another try may cure (a Ray error, lost, interrupted), as opposed to one of
+    the trial's own (divergence, out of memory, NaN objective, invalid config)."""
+    from optuna.trial import TrialState
+
+    return state == TrialState.FAIL and (not reason or reason in (LOST_REASON, INTERRUPTED_REASON)
+                                         or str(reason).startswith("the trial raised an error"))
+
+
+def replayable_results(space: SearchSpace, journal_path: str, study_name: str) -> dict[str, dict[str, Any]]:
+    """``{Ray trial id: last result}`` of every trial the study holds as ended for good (COMPLETE,
+    PRUNED, or FAIL for a reason of its own). A resumed search hands them to the trainable: a
+    trial Ray restarts only because its last snapshot predates the trial's end is replayed, not
+    trained again (:func:`granq_search.search.trainable.replay_finished`)."""
+    from optuna.trial import TrialState
+
+    if not os.path.isfile(journal_path):
+        return {}
+    study, _ = open_study(space, journal_path, study_name)
+    out: dict[str, dict[str, Any]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        rid, last = t.user_attrs.get("ray_trial_id"), t.user_attrs.get("last_result")
+        if rid and isinstance(last, dict) and not error_state(t.state, t.user_attrs.get("failure_reason")):
+            out[str(rid)] = dict(last)
+    return out
 
 
 def _norm(v: Any) -> Any:
@@ -330,6 +358,9 @@ class OptunaSearcher(Searcher):
                 self._set_attr(number, "failure_reason", reason)
             if result and result.get("epoch") is not None:
                 self._set_attr(number, "epochs_run", result.get("epoch"))
+            if result and not error_state(state, reason):
+                # kept so that a resumed search can replay it rather than train the trial again
+                self._set_attr(number, "last_result", own_metrics(result))
             study.tell(number, values=values, state=state)
             return number
         if frozen.state == TrialState.COMPLETE or state == TrialState.FAIL:
@@ -355,8 +386,7 @@ class OptunaSearcher(Searcher):
     @staticmethod
     def _own_failure(t) -> bool:
         reason = t.user_attrs.get("failure_reason")
-        return bool(reason) and reason not in (LOST_REASON, INTERRUPTED_REASON) and not str(reason).startswith(
-            "the trial raised an error")
+        return bool(reason) and not error_state(t.state, reason)
 
     def _running_twin(self, key: tuple, exclude: int) -> int | None:
         live = set(self._live.values())

@@ -30,38 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["train_trial", "make_trainable", "replay_finished", "is_out_of_memory", "failure_message",
-           "finished_results"]
-
-# Keys Ray adds to every result; a replayed final result leaves them to Ray.
-_RAY_KEYS = frozenset({
-    "config", "trial_id", "experiment_tag", "date", "timestamp", "time_this_iter_s", "time_total_s",
-    "time_since_restore", "iterations_since_restore", "training_iteration", "pid", "hostname", "node_ip",
-    "done", "should_checkpoint", "checkpoint_dir_name", "timesteps_total", "episodes_total",
-    "timesteps_since_restore", "replayed",
-})
-
-
-def finished_results(ray_path: str | Path) -> dict[str, dict[str, Any]]:
-    """``{trial id: its final report}`` for every trial of a local Ray experiment folder whose
-    ``result.json`` (written as results arrive, unlike Ray's periodic experiment snapshot) ends
-    with ``final == 1``."""
-    import json
-
-    out: dict[str, dict[str, Any]] = {}
-    root = Path(ray_path)
-    if not root.is_dir():
-        return out
-    for f in root.glob("*/result.json"):
-        try:
-            lines = [ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            last = json.loads(lines[-1]) if lines else {}
-        except (OSError, ValueError):
-            continue
-        if last.get("final") == 1 and last.get("trial_id"):
-            out[str(last["trial_id"])] = {k: v for k, v in last.items() if k not in _RAY_KEYS}
-    return out
-
+__all__ = ["train_trial", "make_trainable", "replay_finished", "is_out_of_memory", "failure_message"]
 
 def is_out_of_memory(err: BaseException) -> bool:
     import torch
@@ -101,9 +70,10 @@ def _node_id() -> str:
 
 
 def replay_finished(replay: Mapping[str, Mapping[str, Any]] | None) -> bool:
-    """A trial that already ended (its final report is on disk) but that Ray restarts because its
-    last experiment snapshot predates the end (the driver was killed): report the recorded final
-    result again, marked ``replayed``, instead of training again. True when replayed."""
+    """A trial that already ended but that Ray restarts because its last experiment snapshot
+    predates the end (the driver was killed; Ray snapshots every ~10 s): report the last result the
+    Optuna study recorded for it again, marked ``replayed``, instead of training again. True when
+    replayed. (``replay``: see :func:`granq_search.search.searcher.replayable_results`.)"""
     if not replay:
         return False
     from ray import tune

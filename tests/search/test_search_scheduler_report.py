@@ -124,23 +124,12 @@ def test_scalar_metrics_filter():
 # --------------------------------------------------------------------------- replay after a killed driver
 
 
-def test_finished_results_and_replay(tmp_path, monkeypatch):
+def test_replay_finished(monkeypatch):
     from ray import tune
 
-    from granq_search.search.trainable import finished_results, replay_finished
+    from granq_search.search.trainable import replay_finished
 
-    done = tmp_path / "train_trial_aaa_1"
-    running = tmp_path / "train_trial_bbb_2"
-    done.mkdir()
-    running.mkdir()
-    common = {"trial_id": "aaa", "training_iteration": 4, "time_total_s": 3.0, "pid": 1, "config": {"x": 1}}
-    done.joinpath("result.json").write_text(
-        json.dumps({**common, "epoch": 3, "val_top1": 90.0}) + "\n"
-        + json.dumps({**common, "epoch": 4, "val_top1": 91.0, "val_drop": 1.0, "final": 1.0}) + "\n")
-    running.joinpath("result.json").write_text(json.dumps({"trial_id": "bbb", "epoch": 1}) + "\n")
-    found = finished_results(tmp_path)
-    assert found == {"aaa": {"epoch": 4, "val_top1": 91.0, "val_drop": 1.0, "final": 1.0}}
-
+    found = {"aaa": {"epoch": 4, "val_top1": 91.0, "val_drop": 1.0, "final": 1.0}}
     sent = []
     monkeypatch.setattr(tune, "report", lambda metrics, **kw: sent.append(metrics))
     monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "aaa"))

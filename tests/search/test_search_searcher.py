@@ -17,6 +17,7 @@ from granq_search.search.searcher import (
     close_running_trials,
     open_study,
     params_key,
+    replayable_results,
 )
 from granq_search.search.space import load_space
 
@@ -237,3 +238,23 @@ def test_invalid_combination_and_budget_are_told_before_training(tmp_path):
             assert t.constraints["bitops"] <= 0
     assert s.events["invalid"] >= 1 and s.events["infeasible"] >= 1
     assert {t.number for t in s.study.best_trials} <= {t.number for t in trials if t.constraints.get("bitops", 1) <= 0}
+
+
+def test_replayable_results_are_trials_ended_for_good(tmp_path):
+    space = make_space(tmp_path, parameters={"quant.act.threshold": {"type": "float", "low": 0, "high": 1}})
+    s = searcher_for(tmp_path, space)
+    for i in range(5):
+        s.suggest(f"t{i}")
+    ray_noise = {"trial_id": "t0", "training_iteration": 4, "time_total_s": 1.0, "config": {"a": 1},
+                 "sites_json": "[]", "node_ip": "1.2.3.4"}
+    s.on_trial_complete("t0", {**final(0.1, 1e7), **ray_noise})
+    s.on_trial_complete("t1", {"epoch": 2, "val_top1": 50.0})                     # pruned
+    s.on_trial_complete("t2", {"final": 1.0, "failure_reason": "training diverged", "val_top1": 10.0})
+    s.on_trial_complete("t3", None, error=True)                                   # may succeed next time
+    s.save(str(tmp_path / "state.json"))
+    close_running_trials(str(tmp_path / "optuna.journal"), "s")                   # t4: interrupted
+    replay = replayable_results(space, str(tmp_path / "optuna.journal"), "s")
+    assert set(replay) == {"t0", "t1", "t2"}
+    assert replay["t0"] == {"final": 1.0, "val_drop": 0.1, "bitops": 1e7, "epoch": 4}  # no Ray keys
+    assert replay["t1"] == {"epoch": 2, "val_top1": 50.0}
+    assert replay["t2"]["failure_reason"] == "training diverged"
