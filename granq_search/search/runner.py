@@ -349,6 +349,10 @@ def run_search(
     from granq_search.tracking import redact_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(uri_arg, output) if tracking else None
+    if resume and tracking and record.get("tracking_uri") and uri != record["tracking_uri"]:
+        # the MLflow callback restored from Ray's tuner.pkl keeps writing to the first store
+        raise SearchError(f"search '{name}' is recorded at {redact_uri(record['tracking_uri'])}; a resumed search "
+                          "keeps its tracking store: drop --tracking-uri")
     if resume:
         from ray.tune import Tuner
 
