@@ -12,6 +12,7 @@ import sys
 
 from granq_search.cli.common import add_format_flag, emit_json
 from granq_search.config import parse_set_args
+from granq_search.tracking.uri import redact_uri
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -91,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
         if outcome.best_config:
             print(f"best config: {outcome.best_config}")
             print(f"train it at full budget: python tune_main.py train --config {outcome.best_config}")
-        uri = f" --tracking-uri {outcome.tracking_uri}" if args.tracking_uri else ""
+        uri_flag = f" --tracking-uri {redact_uri(outcome.tracking_uri)}" if args.tracking_uri else ""
         print(f"search folder: {outcome.path}  (leaderboard: python tune_main.py leaderboard "
-              f"--output-dir {args.output_dir} --search {outcome.name}{uri})")
+              f"--output-dir {args.output_dir} --search {outcome.name}{uri_flag})")
     if outcome.status == "interrupted":
         print(f"error: search {outcome.name} was interrupted; continue it with: python tune_main.py search "
               f"--resume --name {outcome.name} --output-dir {args.output_dir}", file=sys.stderr)

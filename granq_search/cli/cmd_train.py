@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from granq_search.cli.common import (
     json_safe,
     set_threads,
 )
-from granq_search.config import dump_config
+from granq_search.config import dump_config, read_yaml, split_document
 from granq_search.errors import GranqError
 from granq_search.pipeline.reporter import CompositeReporter, Reporter
 from granq_search.pipeline.terminal import TerminalReporter
@@ -36,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_format_flag(p)
+    p.epilog = ("A config exported with --search-budget trains with the torch CPU threads its trial ran with "
+                "(provenance.threads), so that the run reproduces the trial; --threads overrides it.")
 
 
 class _FileReporter(Reporter):
@@ -49,6 +52,26 @@ class _FileReporter(Reporter):
             fh.write(json.dumps(json_safe(dict(metrics))) + "\n")
 
 
+def trial_threads(config: str) -> int | None:
+    """``provenance.threads`` of a config exported with ``--search-budget`` (None otherwise).
+
+    On CPU the float summation order, and so the trained network, depends on the number of
+    torch threads: reproducing a searched trial needs the count it ran with (one per CPU of
+    the trial, 1 by default), not torch's default. A production-budget export does not
+    reproduce a trial anyway and keeps torch's default.
+    """
+    if not config.endswith((".yaml", ".yml")) or not Path(config).is_file():
+        return None
+    try:
+        _, provenance = split_document(read_yaml(config), config)
+    except GranqError:
+        return None  # load_config reports the problem
+    if not isinstance(provenance, dict) or provenance.get("budget") != "search":
+        return None
+    threads = provenance.get("threads")
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1 else None
+
+
 def _default_dir(config: str) -> Path:
     stem = Path(config).stem if config.endswith((".yaml", ".yml")) else config
     return Path("runs") / "train" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -57,7 +80,13 @@ def _default_dir(config: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from granq_search.pipeline.trainer import build_setup, run_training
 
-    set_threads(args.threads)
+    threads = args.threads
+    if threads is None:
+        threads = trial_threads(args.config)
+        if threads is not None:
+            print(f"train: {threads} torch CPU thread(s), as the searched trial ran (provenance.threads of "
+                  f"{args.config}); pass --threads N to change", file=sys.stderr)
+    set_threads(threads)
     cfg = config_from_args(args)
     out = Path(args.output_dir) if args.output_dir else _default_dir(args.config)
     ckpt_dir = out / "checkpoints"
@@ -87,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     final = {k: v for k, v in result.metrics.items() if k != "history"}
     final["output_dir"] = str(out)
     final["checkpoint_sha256"] = setup.checkpoint_sha256
+    final["threads"] = torch.get_num_threads()
     final["data"] = setup.data_meta
     (out / "final.json").write_text(json.dumps(json_safe(final), indent=2) + "\n", encoding="utf-8")
     if args.format == "json":

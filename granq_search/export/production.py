@@ -222,6 +222,10 @@ def plan_export(tracking_uri: str, search: str | None = None, rule: str = "best"
         "objectives": board.objectives,
         "budget": "production" if production else "search",
     }
+    threads = str(board.tags.get(TAG.TRIAL_THREADS, ""))
+    if threads.isdigit() and int(threads) >= 1:
+        # torch CPU threads the trial ran with; `train` uses them for a --search-budget export
+        provenance["threads"] = int(threads)
     if replaced:
         provenance["budget_changes"] = replaced
     if kept:

@@ -18,7 +18,9 @@ running yet (``address`` None: a local instance without dashboard; ``auto``, ``H
 Trial settings follow ../shared/SEARCH.md: ``TuneConfig`` never gets ``metric``/``mode`` (the
 objectives live on the searcher), ``max_concurrent_trials`` is always set, the scheduler gets
 its own metric and mode, ``FailureConfig(max_failures=2)`` (worker deaths; failures that would
-repeat are reported by the trainable instead), ``CheckpointConfig(num_to_keep=2)``,
+repeat are reported by the trainable instead), ``CheckpointConfig(num_to_keep=2)``, experiment
+snapshots every :data:`SNAPSHOT_PERIOD_S` (``TUNE_GLOBAL_CHECKPOINT_S``, for ``--resume`` after a
+killed driver),
 ``RAY_CHDIR_TO_TRIAL_DIR=0`` for the trials, and relative data/checkpoint paths made absolute
 before launch. At the end no Optuna trial is left RUNNING, the MLflow parent run is closed and
 the best configuration is exported to ``best.yaml``.
@@ -44,6 +46,14 @@ from granq_search.search.space import SearchSpace, load_space, space_from_record
 
 __all__ = ["run_search", "SearchOutcome", "SearchPaths", "latest_search", "read_search_record",
            "default_space_dir", "resolve_space_arg", "SearchError"]
+
+SNAPSHOT_PERIOD_S = 1.0
+"""Seconds between Ray's experiment-state snapshots (``TUNE_GLOBAL_CHECKPOINT_S``; Ray's default
+'auto' is at least 10 s). The environment variable, when set, wins."""
+
+FINISH_WAIT_S = 30.0
+"""Seconds the MLflow recorder keeps retrying at the end of a search when the tracking server does
+not answer (a server being restarted) before the search ends with 'rerun with --resume'."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -204,7 +214,10 @@ def _check_address(address: str | None) -> None:
         return
     if address.startswith("ray://") or re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d+$", address):
         return
-    raise SearchError(f"--address {address!r} is not a Ray address; use auto, HOST:PORT or ray://HOST:PORT")
+    from granq_search.tracking.uri import redact_uri
+
+    raise SearchError(f"--address {redact_uri(address)!r} is not a Ray address; use auto, HOST:PORT or "
+                      "ray://HOST:PORT")
 
 
 def _storage(storage_path: str | None, paths: SearchPaths) -> tuple[str, str]:
@@ -383,6 +396,10 @@ def run_search(
     # Trials must not depend on their working directory: Ray propagates this variable to every
     # trial actor (and relative paths were made absolute above).
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0",
+           # Ray snapshots the experiment (trials, searcher) every ~10 s by default; trials a killed
+           # driver started after the last snapshot are unknown to Ray on --resume (the searcher
+           # then proposes their parameters again). A short period keeps that gap small.
+           "TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_PERIOD_S)),
            # one checkpoint per epoch with num_to_keep=2 forces frequent snapshots, by design
            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S":
                os.environ.get("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")}
@@ -423,7 +440,9 @@ def run_search(
                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, function=trainable,
                                 replay=replay)
             if tracking:
+                from granq_search.search.trainable import threads_for_cpus
                 from granq_search.tracking import SearchRecorder
+                from granq_search.tracking.schema import TAG
 
                 fidelity = dict(the_space.fidelity)
                 recorder = SearchRecorder(
@@ -435,15 +454,19 @@ def run_search(
                                                        default=str),
                         "granq.search_dir": str(paths.root),
                         "granq.ray_path": ray_path,
+                        TAG.TRIAL_THREADS: str(threads_for_cpus(cpus_per_trial)),
                     },
                     objectives=[{"metric": o.metric, "mode": o.mode} for o in the_space.objectives],
                     trial_config=_TrialConfig(the_space.search_base),
+                    finish_wait_s=FINISH_WAIT_S,
                 )
             if resume:
                 # The searcher, scheduler and recorder come back from Ray's tuner.pkl: they reopen
                 # the journal, reload the rung records and find their MLflow runs by themselves.
-                # ``recorder`` above is a second instance for finish(), which works on any instance.
                 tuner = tune.Tuner.restore(ray_path, trainable=fn, resume_unfinished=True, resume_errored=True)
+                # finish() on the restored instance itself, so that writes it could not record
+                # (a store that is down) are retried at the end rather than dropped with it
+                recorder = _restored_recorder(tuner, recorder)
             else:
                 searcher = OptunaSearcher(the_space, journal_path=str(paths.journal), study_name=name,
                                           cost_fn=EfficiencyCost() if the_space.constraints else None)
@@ -517,6 +540,23 @@ def run_search(
     return outcome
 
 
+def _restored_recorder(tuner, fallback):
+    """The :class:`SearchRecorder` Ray unpickled from ``tuner.pkl`` (the one its callbacks call),
+    or ``fallback`` where it cannot be reached (Ray Client)."""
+    if fallback is None:
+        return None
+    try:
+        callbacks = tuner._local_tuner.get_run_config().callbacks or []
+    except Exception:  # noqa: BLE001 - Ray Client, or Ray's internals moved
+        return fallback
+    for cb in callbacks:
+        if type(cb) is type(fallback) and getattr(cb, "search_name", None) == fallback.search_name:
+            cb.finish_wait_s = fallback.finish_wait_s
+            cb.resumed = True  # even when Ray's snapshot held no trial yet
+            return cb
+    return fallback
+
+
 def _connect(address: str | None, progress: bool) -> bool:
     """Start Ray locally (``address`` None) or connect to a cluster, unless Ray is already up.
     Returns True when this call started or connected Ray (and so must shut it down)."""
@@ -534,8 +574,10 @@ def _connect(address: str | None, progress: bool) -> bool:
     try:
         ray.init(**init)
     except Exception as e:  # noqa: BLE001 - one line for the user
-        first = " ".join(str(e).split())[:300]
-        where = "start Ray locally" if address is None else f"connect to the Ray cluster at {address}"
+        from granq_search.tracking.uri import redact_text, redact_uri
+
+        first = redact_text(" ".join(str(e).split()))[:300]
+        where = "start Ray locally" if address is None else f"connect to the Ray cluster at {redact_uri(address)}"
         hint = "; is it running (`ray status`)?"
         if "auth" in first.lower() or "token" in first.lower():
             hint = ("; the cluster uses token authentication: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "

@@ -29,9 +29,12 @@ and pays twice for duplicate proposals. This searcher:
   of errored trials that ``--resume`` restarts);
 * saves only the Ray-trial <-> Optuna-number mapping (``save``/``restore``); the study lives in
   the journal. On restore it reconciles: an Optuna trial still RUNNING that no restored Ray trial
-  will finish is told FAIL ('lost when the driver stopped'). A Ray trial that finishes after its
-  Optuna trial was closed (interrupted search resumed, errored trial retried) is recorded as a
-  new Optuna trial with ``resumed_from``.
+  will finish was asked after Ray's last experiment snapshot (a killed driver; Ray does not know
+  its Ray trial). It is *adopted*: the next Ray trial Ray asks for gets exactly its parameters and
+  the same Optuna trial (``ray_trial_id`` updated, the old id kept in ``lost_ray_trial_ids``),
+  so the study keeps one trial per configuration and the search still reaches ``num_samples``
+  Ray trials. A Ray trial that finishes after its Optuna trial was closed (interrupted search
+  resumed, errored trial retried) is recorded as a new Optuna trial with ``resumed_from``.
 
 The objects pickle without the study (Ray pickles the searcher into ``tuner.pkl``); the study is
 reopened lazily from the journal, with the sampler reseeded by ``seed + number of trials`` so
@@ -198,9 +201,11 @@ class OptunaSearcher(Searcher):
         self._live: dict[str, int] = {}      # Ray trial id -> Optuna number, asked and not yet told
         self._done: dict[str, int] = {}      # Ray trial id -> Optuna number, told
         self._twins: dict[int, list[int]] = {}  # running original -> deferred duplicates
+        self._orphans: list[int] = []         # RUNNING trials no restored Ray trial knows (adopted first)
         self._study = None
         self._storage = None
-        self.events: dict[str, int] = {"duplicates": 0, "deferred": 0, "invalid": 0, "infeasible": 0}
+        self.events: dict[str, int] = {"duplicates": 0, "deferred": 0, "invalid": 0, "infeasible": 0,
+                                       "adopted": 0}
 
     # ----------------------------------------------------------------- pickling
 
@@ -239,6 +244,9 @@ class OptunaSearcher(Searcher):
         study = self.study
         from optuna.trial import TrialState
 
+        adopted = self._adopt(trial_id)
+        if adopted is not None:
+            return adopted
         dists = self.space.distributions()
         for attempt in range(self.max_retries):
             trial = self._ask(study, dists, attempt)
@@ -283,6 +291,33 @@ class OptunaSearcher(Searcher):
                     "invalid or over budget; ending the search (the space looks exhausted)", self.max_retries)
         study.set_user_attr("exhausted", True)
         return Searcher.FINISHED
+
+    def _adopt(self, trial_id: str) -> dict[str, Any] | None:
+        """Hand the next orphan (see :meth:`reconcile`) to the new Ray trial ``trial_id``: its
+        parameters, unchanged, and its Optuna trial. None when there is none to adopt."""
+        from optuna.trial import TrialState
+
+        dists = self.space.distributions()
+        while self._orphans:
+            number = self._orphans.pop(0)
+            frozen = self._frozen(number)
+            if frozen.state != TrialState.RUNNING:
+                continue
+            if set(frozen.params) != set(dists):  # asked but never given its parameters
+                self._set_attr(number, "failure_reason", LOST_REASON)
+                self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+                continue
+            old = frozen.user_attrs.get("ray_trial_id")
+            if old:
+                lost = [str(x) for x in frozen.user_attrs.get("lost_ray_trial_ids", [])]
+                self._set_attr(number, "lost_ray_trial_ids", [*lost, str(old)])
+            self._set_attr(number, "ray_trial_id", trial_id)
+            self._live[trial_id] = number
+            self.events["adopted"] = self.events.get("adopted", 0) + 1
+            log.info("Optuna trial %d (Ray trial %s, started after Ray's last snapshot before the driver "
+                     "stopped) continues as Ray trial %s with the same parameters", number, old, trial_id)
+            return dict(frozen.params)
+        return None
 
     def _ask(self, study, dists, attempt: int):
         """The space's sampler first; after ``fallback_after`` unusable proposals in a row a seeded
@@ -363,8 +398,10 @@ class OptunaSearcher(Searcher):
                 self._set_attr(number, "last_result", own_metrics(result))
             study.tell(number, values=values, state=state)
             return number
-        if frozen.state == TrialState.COMPLETE or state == TrialState.FAIL:
-            return number  # already recorded; a retry that failed again adds nothing
+        if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED) or state == TrialState.FAIL:
+            # already recorded (a replayed trial reports its recorded outcome again); a retry that
+            # failed again adds nothing
+            return number
         attrs = {"ray_trial_id": trial_id, "resumed_from": number}
         new = create_trial(state=state, values=values, params=frozen.params, distributions=frozen.distributions,
                            user_attrs=attrs, constraints=frozen.constraints or None)
@@ -421,12 +458,14 @@ class OptunaSearcher(Searcher):
 
     def get_state(self) -> dict[str, Any]:
         return {"version": 1, "study_name": self.study_name, "live": dict(self._live), "done": dict(self._done),
-                "twins": {str(k): list(v) for k, v in self._twins.items()}, "events": dict(self.events)}
+                "twins": {str(k): list(v) for k, v in self._twins.items()}, "orphans": list(self._orphans),
+                "events": dict(self.events)}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._live = {str(k): int(v) for k, v in state.get("live", {}).items()}
         self._done = {str(k): int(v) for k, v in state.get("done", {}).items()}
         self._twins = {int(k): [int(x) for x in v] for k, v in state.get("twins", {}).items()}
+        self._orphans = [int(x) for x in state.get("orphans", [])]
         self.events.update(state.get("events", {}))
 
     def save(self, checkpoint_path: str) -> None:
@@ -441,22 +480,47 @@ class OptunaSearcher(Searcher):
         self.reconcile()
 
     def reconcile(self) -> list[int]:
-        """After a restore: close Optuna trials that no restored Ray trial will finish."""
+        """After a restore: find the Optuna trials still RUNNING that no restored Ray trial will
+        finish, and return their numbers (oldest first).
+
+        They were handed to Ray after its last experiment snapshot, so the restored experiment
+        does not know them (the driver was killed; the runner keeps the snapshot period at about
+        a second). One still being checked (no ``ray_trial_id`` yet) never reached Ray: it is told
+        FAIL ('lost when the driver stopped'). Rather than failing the others and asking the
+        sampler for replacements (the study would then hold more trials than the search ran),
+        they become *orphans*: :meth:`suggest` gives each one, with its parameters unchanged, to
+        the next new Ray trial. A deferred duplicate waits for its original, live or orphan, as
+        before; one whose original ended is told its outcome.
+        """
         from optuna.trial import TrialState
 
         live = set(self._live.values())
-        closed = []
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.number in live:
-                continue  # Ray resumes it from its last checkpoint
+        running = sorted(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
+                         key=lambda t: t.number)
+        running_numbers = {t.number for t in running}
+        orphans: list[int] = [n for n in self._orphans if n in running_numbers and n not in live]
+        for t in running:
+            if t.number in live or t.number in orphans:
+                continue  # Ray resumes it from its last checkpoint / adopted later
             original = next((o for o, twins in self._twins.items() if t.number in twins), None)
-            if original is not None and original in live:
-                continue  # a deferred duplicate: told when the original finishes
-            if original is not None and self._frozen(original).state != TrialState.RUNNING:
-                self._copy_outcome(t.number, original)
+            if original is None and t.user_attrs.get("duplicate_of") is not None:
+                original = int(t.user_attrs["duplicate_of"])  # deferred after the snapshot
+            if original is not None:
+                if original in running_numbers:  # live, or an orphan adopted later: told when it ends
+                    if t.number not in self._twins.setdefault(original, []):
+                        self._twins[original].append(t.number)
+                else:
+                    self._copy_outcome(t.number, original)
                 continue
-            self._set_attr(t.number, "failure_reason", LOST_REASON)
-            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            closed.append(t.number)
-        self._twins = {o: v for o, v in self._twins.items() if o in live}
-        return closed
+            if not t.user_attrs.get("ray_trial_id"):  # stopped while being checked: never reached Ray
+                self._set_attr(t.number, "failure_reason", LOST_REASON)
+                self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                continue
+            orphans.append(t.number)
+        self._orphans = orphans
+        self._twins = {o: v for o, v in self._twins.items() if o in live or o in orphans}
+        if orphans:
+            log.warning("%d Optuna trial(s) (%s) started after Ray's last snapshot before the driver stopped; "
+                        "their parameters are proposed again to the next Ray trials", len(orphans),
+                        ", ".join(map(str, orphans)))
+        return list(orphans)

@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["train_trial", "make_trainable", "replay_finished", "is_out_of_memory", "failure_message"]
+__all__ = ["train_trial", "make_trainable", "replay_finished", "is_out_of_memory", "failure_message",
+           "threads_for_cpus"]
 
 def is_out_of_memory(err: BaseException) -> bool:
     import torch
@@ -50,6 +51,14 @@ def failure_message(err: BaseException) -> str:
     return first
 
 
+def threads_for_cpus(cpus: float | None) -> int:
+    """torch CPU threads of a trial given ``cpus`` CPUs (at least 1). The driver records it on
+    the search's MLflow run (``granq.trial_threads``) so that ``export`` + ``train`` can rerun a
+    trial with the same thread count: on CPU, a different count changes the float summation
+    order and so the trained network."""
+    return max(1, int(math.floor(cpus))) if cpus else 1
+
+
 def _trial_threads() -> int | None:
     try:
         from ray import tune
@@ -57,7 +66,7 @@ def _trial_threads() -> int | None:
         cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 0)
     except Exception:  # outside a trial (tests): leave torch's default
         return None
-    return max(1, int(math.floor(cpus))) if cpus else 1
+    return threads_for_cpus(cpus)
 
 
 def _node_id() -> str:

@@ -27,13 +27,17 @@ Closing status of every child
     FAILED (``failed``, with ``granq.failure_reason``: the exception line, <= 500 chars);
     still running when the experiment ends -> KILLED (``interrupted``). :meth:`finish`
     (called by the driver after ``Tuner.fit()``; safe to call twice) closes the parent and
-    any child still RUNNING.
+    any child still RUNNING. After ``--resume`` of a killed driver, a child RUNNING for a Ray
+    trial the restored experiment does not know (started after Ray's last snapshot; the
+    searcher gives its parameters to a new Ray trial) is tagged ``lost``, closed and deleted:
+    each trial of the search keeps exactly one (active) child.
 
 When the tracking store fails
     Logging never stops the search, and is never silently lossy: a write that fails is kept
     in memory, in order, and retried on the next callback (at most every ``retry_interval_s``
     seconds; an http server is probed for 1 s first so a dead server does not stall the Tune
-    loop) and again at :meth:`finish`. Buffer and retry; if still failing at the end, the
+    loop) and again at :meth:`finish`, which keeps retrying for ``finish_wait_s`` seconds (a
+    server being restarted). Buffer and retry; if still failing at the end, the
     search ends with a clear message (:class:`TrackingError` from ``finish``) and ``--resume``
     replays what is missing from Ray's results: when the experiment is restored, trials Ray
     already holds as finished or errored but whose MLflow child is missing, open or lacks the
@@ -75,14 +79,36 @@ from granq_search.tracking.schema import (
     normalize_objectives,
     param_value,
 )
-from granq_search.tracking.store import find_parent, quote as _quote, search_runs_all
-from granq_search.tracking.uri import redact_argv, redact_uri, server_reachable, sqlite_path
+from granq_search.tracking.store import find_parent, quote as _quote, search_runs_all, set_terminated
+from granq_search.tracking.uri import redact_argv, redact_text, redact_uri, server_reachable, sqlite_path
 
 __all__ = ["SearchRecorder", "failure_reason"]
 
 log = logging.getLogger(__name__)
 
+
+class _Redact(logging.Filter):
+    """Every message of this module's logger, exception text included, with URIs redacted: MLflow's
+    errors carry the request URL as given (``http://user:password@host/...``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken format string: leave the record alone
+            return True
+        record.msg, record.args = redact_text(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        return True
+
+
+log.addFilter(_Redact())
+
 MAX_BATCH = 100  # params/tags per log_batch (MLflow's limit)
+LOST_CHILD_REASON = ("lost when the driver stopped: started after Ray's last experiment snapshot, so the "
+                     "resumed search does not know this Ray trial; its configuration ran again as a new trial")
 MAX_REASON = 500
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
 _RAY_STATUS_OPEN = {"RUNNING", "PENDING", "PAUSED"}
@@ -196,6 +222,8 @@ class SearchRecorder(Callback):
         parent_params: params for the parent run (for example the flat base config).
         command_line: recorded redacted (default ``sys.argv``).
         retry_interval_s: least time between retries after a failed write.
+        finish_wait_s: how long :meth:`finish` keeps retrying (every 2 s) a store that does not
+            answer before it gives up (then at least 3 attempts; the driver passes 30 s).
     """
 
     def __init__(
@@ -210,6 +238,7 @@ class SearchRecorder(Callback):
         parent_params: Mapping[str, Any] | None = None,
         command_line: list[str] | None = None,
         retry_interval_s: float = 10.0,
+        finish_wait_s: float = 0.0,
     ) -> None:
         _quote(search_name)
         self.tracking_uri = tracking_uri
@@ -221,13 +250,14 @@ class SearchRecorder(Callback):
         self.parent_params = dict(parent_params or {})
         self.command_line = list(sys.argv if command_line is None else command_line)
         self.retry_interval_s = retry_interval_s
+        self.finish_wait_s = finish_wait_s
         self._reset_runtime()
 
     # --------------------------------------------------------------- state and pickling
 
     _RUNTIME = ("_client", "_experiment_id", "_parent_id", "_parent_tags_now", "_children", "_pending",
                 "_configs", "_final_seen", "_failures", "_last_error", "_last_failure_at", "_reconciled",
-                "_finished", "dropped", "_live", "_requested")
+                "_finished", "dropped", "_live", "_requested", "_restored", "_lost_checked", "resumed")
 
     def _reset_runtime(self) -> None:
         self._client = None
@@ -245,6 +275,10 @@ class SearchRecorder(Callback):
         self._finished: str | bool = False
         self._live: set[str] = set()
         self._requested: set[str] = set()
+        self._restored = False
+        self._lost_checked = False
+        self.resumed = False
+        """Set by the driver on the instance Ray restored for ``--resume`` (see :meth:`_lost_ops`)."""
         self.dropped: list[str] = []
 
     def __getstate__(self) -> dict:
@@ -427,7 +461,7 @@ class SearchRecorder(Callback):
             except MlflowException as e:
                 if getattr(e, "error_code", None) in _PERMANENT_CODES:
                     self._pending.popleft()
-                    msg = f"{op.describe()}: {' '.join(str(e).split())[:300]}"
+                    msg = redact_text(f"{op.describe()}: {' '.join(str(e).split())[:300]}")
                     self.dropped.append(msg)
                     log.warning("MLflow rejected a write for search %s and it was dropped: %s",
                                 self.search_name, msg)
@@ -445,6 +479,7 @@ class SearchRecorder(Callback):
         return True
 
     def _note_failure(self, message: str) -> None:
+        message = redact_text(message)
         if self._last_error is None:
             log.warning("MLflow write failed for search %s at %s (%s); %d write(s) buffered and retried "
                         "on the next report and at the end", self.search_name, redact_uri(self.tracking_uri),
@@ -506,6 +541,19 @@ class SearchRecorder(Callback):
         self._log_tags(child.run_id, op.data["tags"])
         child.tags.update(op.data["tags"])
 
+    def _do_lost(self, op: _Op) -> None:
+        tid = op.trial_id or ""
+        child = self._children.get(tid)
+        if child is None:
+            return
+        run = self.client.get_run(child.run_id)
+        if run.info.lifecycle_stage != "deleted":
+            self._log_tags(child.run_id, {TAG.STATUS: "lost", TAG.FAILURE: op.data["reason"]})
+            if run.info.status == "RUNNING":
+                set_terminated(self.client, child.run_id, "KILLED")
+            self.client.delete_run(child.run_id)
+        self._children.pop(tid, None)
+
     def _do_artifact(self, op: _Op) -> None:
         child = self._child(op.trial_id or "")
         self.client.log_text(child.run_id, op.data["text"], op.data["name"])
@@ -517,7 +565,7 @@ class SearchRecorder(Callback):
             tags[TAG.FAILURE] = op.data["reason"]
         self._log_tags(child.run_id, tags)
         child.tags.update(tags)
-        self.client.set_terminated(child.run_id, status=op.data["status"])
+        set_terminated(self.client, child.run_id, op.data["status"])
         child.status = op.data["status"]
 
     # --------------------------------------------------------------- building operations
@@ -616,6 +664,8 @@ class SearchRecorder(Callback):
     def on_step_begin(self, iteration: int, trials: list, **info):
         if not self._reconciled:
             self._reconciled = True
+            # Ray's trials exist before the first step only when the experiment was restored
+            self._restored = bool(trials) or self.resumed
             self._guard("resume check", lambda: self._reconcile(trials, ending=False))
         elif self._pending:
             self._guard("retry", lambda: self._flush())
@@ -687,10 +737,32 @@ class SearchRecorder(Callback):
                 ops.append(self._close_op(trial, errored=status == "ERROR"))
             elif ending and status in _RAY_STATUS_OPEN and child is not None and child.status == "RUNNING":
                 ops.append(self._close_op(trial, interrupted=True))
+        if self._restored and not self._lost_checked:
+            ops.extend(self._lost_ops(trials))
+            self._lost_checked = True
         if ops:
             self._submit(*ops)
         if ending:
             self._flush(force=True)
+
+    def _lost_ops(self, trials: list) -> list[_Op]:
+        """Children of trials the killed driver started after Ray's last experiment snapshot.
+
+        The restored experiment does not know them (they never reach Ray again); the searcher
+        proposes their parameters to new Ray trials (which get their own child). Left in place
+        they would be counted twice and stay RUNNING: they are closed, tagged ``lost`` and
+        deleted (MLflow keeps deleted runs until ``mlflow gc``; ``mlflow.search_runs`` with
+        ``run_view_type=ALL`` still finds them)."""
+        known = {str(t.trial_id) for t in trials or []}
+        ops = []
+        for tid, child in sorted(self._children.items()):
+            if tid not in known and child.status == "RUNNING":
+                ops.append(_Op("lost", tid, {"reason": LOST_CHILD_REASON}))
+        if ops:
+            log.warning("search %s: %d MLflow trial run(s) of trials the stopped driver had started after "
+                        "Ray's last snapshot are closed and deleted (their configurations run again as new "
+                        "trials): %s", self.search_name, len(ops), ", ".join(op.trial_id or "" for op in ops))
+        return ops
 
     def _replay_ops(self, trial: Any, child: _Child | None) -> list[_Op]:
         tid = str(trial.trial_id)
@@ -735,10 +807,14 @@ class SearchRecorder(Callback):
         if self._finished == status and not self._pending:
             return  # already closed with this status
         label = {"FINISHED": "finished", "KILLED": "interrupted", "FAILED": "failed"}[status]
-        for attempt in range(3):
-            if self._flush(force=True):
+        deadline = time.monotonic() + float(getattr(self, "finish_wait_s", 0.0) or 0.0)  # older tuner.pkl
+        attempt = 0
+        while not self._flush(force=True):
+            attempt += 1
+            if attempt >= 3 and time.monotonic() >= deadline:
                 break
-            time.sleep(min(2.0 * (attempt + 1), self.retry_interval_s))
+            # a server that is restarting gets finish_wait_s to come back
+            time.sleep(min(2.0 * attempt, self.retry_interval_s) if time.monotonic() >= deadline else 2.0)
         if not self._pending:
             try:
                 self._close_stragglers()
@@ -750,10 +826,11 @@ class SearchRecorder(Callback):
                                 self.search_name, type(e).__name__, e)
                 parent = self._ensure_parent()
                 self._log_tags(parent, {TAG.STATUS: label})
-                self.client.set_terminated(parent, status=status)
+                set_terminated(self.client, parent, status)
                 self._finished = status
             except Exception as e:  # noqa: BLE001 - reported below
-                self._last_error = f"closing the search: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                self._last_error = redact_text(
+                    f"closing the search: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
                 self._pending.append(_Op("parent"))
         if self._pending or not self._finished:
             raise TrackingError(
@@ -769,7 +846,7 @@ class SearchRecorder(Callback):
         for run in running:
             tid = run.data.tags.get(TAG.TRIAL_ID, run.info.run_id)
             self._log_tags(run.info.run_id, {TAG.STATUS: "interrupted"})
-            self.client.set_terminated(run.info.run_id, status="KILLED")
+            set_terminated(self.client, run.info.run_id, "KILLED")
             if tid in self._children:
                 self._children[tid].status = "KILLED"
 

@@ -5,6 +5,7 @@ Tags on the parent run of a search:
     granq.version, granq.git_commit, granq.git_dirty, granq.command (redacted),
     granq.teacher, granq.teacher_val_top1, granq.teacher_test_top1,
     granq.fidelity / granq.production (JSON dotted path -> value; set by the driver),
+    granq.trial_threads (torch CPU threads of every trial; set by the driver),
     granq.status (running/finished/interrupted/failed) and whatever the driver adds.
 Tags on a child (one per Ray trial):
     granq.kind=trial, granq.search=NAME, granq.trial_id=ID, mlflow.parentRunId,
@@ -66,6 +67,7 @@ class TAG:
     TEACHER_TEST = "granq.teacher_test_top1"
     FIDELITY = "granq.fidelity"
     PRODUCTION = "granq.production"
+    TRIAL_THREADS = "granq.trial_threads"
 
 
 DEFAULT_OBJECTIVES = ({"metric": "val_drop", "mode": "min"}, {"metric": "bitops", "mode": "min"})

@@ -27,6 +27,7 @@ __all__ = [
     "resolve_tracking_uri",
     "redact_uri",
     "redact_argv",
+    "redact_text",
     "sqlite_path",
     "require_existing_store",
     "check_server",
@@ -81,6 +82,17 @@ def redact_argv(argv: list[str]) -> list[str]:
     return out
 
 
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an error message, a log line) with every URI in it redacted (:func:`redact_uri`):
+    MLflow's errors name the request URL, credentials included."""
+    if not text or "://" not in text:
+        return text
+    return _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (absolute), else None."""
     if not uri.startswith("sqlite:"):
@@ -119,11 +131,11 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | Path, *, check: bool
         path = sqlite_path(uri)
         if path is None:
             raise TrackingError(
-                f"unusable SQLite tracking URI {uri!r}; write sqlite:///relative/path.db or "
+                f"unusable SQLite tracking URI {redact_uri(uri)!r}; write sqlite:///relative/path.db or "
                 "sqlite:////absolute/path.db (an in-memory database would lose the record)"
             )
         if path.exists() and path.is_dir():
-            raise TrackingError(f"--tracking-uri {uri} names a folder; give a database file, e.g. "
+            raise TrackingError(f"--tracking-uri {redact_uri(uri)} names a folder; give a database file, e.g. "
                                 f"sqlite:///{(path / DEFAULT_DB_NAME).as_posix()}")
         query = uri.split("?", 1)[1] if "?" in uri else ""
         return f"sqlite:///{path.as_posix()}" + (f"?{query}" if query else "")

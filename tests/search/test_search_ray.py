@@ -168,6 +168,10 @@ def test_nan_objective_and_out_of_memory_are_fail(tmp_path, markers):
     assert df.loc[oom_id, "status"] == "failed"
     reason_col = next(c for c in df.columns if "reason" in c)
     assert "out of memory" in df.loc[oom_id, reason_col]
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(df.loc[oom_id, "run_id"])
+    assert run.info.status == "FAILED" and "out of memory" in run.data.tags["granq.failure_reason"]
 
 
 def interrupt_after(n: int, once: Path):

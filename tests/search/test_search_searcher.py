@@ -147,18 +147,23 @@ def test_save_restore_reconciles_lost_trials(tmp_path):
     s.suggest("b")
     s.on_trial_complete("a", final(0.1, 1e7))
     s.save(str(tmp_path / "state.json"))
-    s.suggest("c")  # asked after the last save: no restored Ray trial knows it
+    lost = s.suggest("c")  # asked after the last save: no restored Ray trial knows it
     # the driver dies here; a new driver restores
     fresh = pickle.loads(pickle.dumps(searcher_for(tmp_path, space)))
     fresh.restore(str(tmp_path / "state.json"))
     trials = fresh.study.trials
     assert trials[1].state == TrialState.RUNNING          # 'b' is resumed by Ray
-    assert trials[2].state == TrialState.FAIL and trials[2].user_attrs["failure_reason"] == LOST_REASON
+    assert trials[2].state == TrialState.RUNNING and fresh._orphans == [2]  # adopted by the next Ray trial
     fresh.on_trial_complete("b", final(0.2, 2e7))
     assert fresh.study.trials[1].state == TrialState.COMPLETE
-    assert TrialState.RUNNING not in states(fresh)
+    assert fresh.suggest("d") == lost                     # same parameters, same Optuna trial
+    adopted = fresh.study.trials[2]
+    assert adopted.user_attrs["ray_trial_id"] == "d" and adopted.user_attrs["lost_ray_trial_ids"] == ["c"]
+    fresh.on_trial_complete("d", final(0.3, 1e7))
+    assert fresh.study.trials[2].state == TrialState.COMPLETE and len(fresh.study.trials) == 3
+    assert TrialState.RUNNING not in states(fresh) and LOST_REASON not in str(fresh.study.trials)
     # the reopened sampler does not replay the first proposals
-    again = fresh.suggest("d")
+    again = fresh.suggest("e")
     assert params_key(again) not in {params_key(t.params) for t in fresh.study.trials[:3]}
 
 
