@@ -31,38 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench._doc import write_section  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tests" / "reliability"))
+from reliability_helpers import alive, tree  # noqa: E402  (the /proc process-tree helpers, shared)
+
 FIDELITY = ["train.epochs=2", "train.iters_per_epoch=3", "data.max_samples=300"]
-
-
-def _stat(pid: int) -> tuple[int, int] | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[1]), int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _tree(root: int) -> dict[int, int]:
-    procs = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            st = _stat(int(d))
-            if st is not None:
-                procs[int(d)] = st
-    if root not in procs:
-        return {}
-    found, frontier = {root}, {root}
-    while frontier:
-        frontier = {p for p, (pp, _) in procs.items() if pp in frontier and p not in found}
-        found |= frontier
-    return {p: procs[p][1] for p in found}
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def _rss_mib(pid: int) -> float | None:
@@ -122,12 +94,12 @@ def run(trials: int, concurrent: int, workdir: Path, grace_s: float) -> dict:
     next_journal = 0.0
     first_trial_at = None
     while proc.poll() is None:
-        tree = _tree(proc.pid)
-        seen.update(tree)
+        tree_now = tree(proc.pid)
+        seen.update(tree_now)
         rss = _rss_mib(proc.pid)
         if rss is not None:
-            tree_rss = sum(r for r in (_rss_mib(p) for p in tree) if r is not None)
-            samples.append((time.time() - t0, rss, len(tree), tree_rss))
+            tree_rss = sum(r for r in (_rss_mib(p) for p in tree_now) if r is not None)
+            samples.append((time.time() - t0, rss, len(tree_now), tree_rss))
         if time.time() >= next_journal:
             n = _ended(journal, name)
             if n >= 0:
@@ -147,11 +119,7 @@ def run(trials: int, concurrent: int, workdir: Path, grace_s: float) -> dict:
     except ValueError:
         doc = {}
     time.sleep(grace_s)
-    leaked = {}
-    for pid, start in seen.items():
-        st = _stat(pid)
-        if pid != proc.pid and st is not None and st[1] == start:
-            leaked[pid] = _cmd(pid)
+    leaked = {pid: cmd for pid, cmd in alive(seen).items() if pid != proc.pid}
     for pid in leaked:
         try:
             os.kill(pid, signal.SIGKILL)
