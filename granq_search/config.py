@@ -112,7 +112,7 @@ def _is_optional(hint: Any) -> bool:
 
 @dataclass(frozen=True)
 class ActQuantConfig(_Section):
-    """Activation quantizers, one at the output of every ReLU/ReLU6 call site."""
+    """Activation quantizers: where they sit (``placement``), their bits, granularity and ranges."""
 
     bits: int = 4
     """Bit-width, 2..8 (asymmetric, integer zero point)."""
@@ -124,10 +124,23 @@ class ActQuantConfig(_Section):
     reduction of per-(sample, channel) over per-tensor is at least tau."""
     range_mode: RangeMode = "dynamic"
     """dynamic: min/max recomputed on every forward; static: calibrated then frozen."""
+    placement: Literal["relu_output", "layer_input"] = "relu_output"
+    """relu_output: a quantizer at every ReLU/ReLU6 output (the public GranQ code; in a ResNet the
+    residual stream is quantized too). layer_input: a quantizer at the input of every Conv2d and
+    Linear (not the first layer's, which reads the image); the residual stream stays in float,
+    or at ``residual_bits``."""
+    residual_bits: int | None = None
+    """Only with placement layer_input: quantize the ReLU outputs (the residual stream in a
+    ResNet) at this bit-width, 2..8, with the same granularity and range mode; None: float."""
 
     def _validate(self) -> None:
         _bits(self.bits, "bits")
         _require(0.0 <= self.threshold <= 1.0, "threshold", f"{self.threshold} is outside [0, 1]")
+        if self.residual_bits is not None:
+            _require(self.placement == "layer_input", "residual_bits",
+                     f"{self.residual_bits} is set, but the residual stream only has its own precision with "
+                     "placement 'layer_input' (at 'relu_output' it is quantized at act.bits); set it to null")
+            _bits(self.residual_bits, "residual_bits")
 
 
 @dataclass(frozen=True)

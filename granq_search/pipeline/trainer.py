@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from granq_search.pipeline.schedule import lr_factor
 from granq_search.quant import calibrate, efficiency, needs_calibration, prepare, site_report
 
 __all__ = ["run_training", "TrainingDiverged", "resolve_device", "resolve_config", "Setup", "build_setup", "TrainResult",
-           "measure_latency", "qat_step"]
+           "measure_latency", "qat_step", "TeacherMetrics", "latency_shape"]
 
 
 EPOCH_EFFICIENCY_KEYS = ("bitops", "size_bits", "act_scale_factors", "fine_fraction")
@@ -75,15 +75,35 @@ class Setup:
     checkpoint_sha256: str | None
     teacher_val: dict[str, float]
     teacher_test: dict[str, float]
+    teacher_latency_ms: float | None = None
+    """FP forward time of the teacher measured by the caller (the search driver), else None."""
+
+
+@dataclass(frozen=True)
+class TeacherMetrics:
+    """The teacher's figures, measured once (by the search driver) and handed to every trial."""
+
+    val: dict[str, float]
+    test: dict[str, float]
+    latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"val": dict(self.val), "test": dict(self.test), "latency_ms": self.latency_ms}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TeacherMetrics:
+        lat = d.get("latency_ms")
+        return cls(dict(d["val"]), dict(d["test"]), None if lat is None else float(lat))
 
 
 def build_setup(cfg: ExperimentConfig, device: str | torch.device = "auto", *,
                 teacher_state: Mapping[str, torch.Tensor] | None = None,
-                teacher_sha256: str | None = None) -> Setup:
+                teacher_sha256: str | None = None, teacher_metrics: TeacherMetrics | None = None) -> Setup:
     """Build the teacher and the evaluation data and measure the teacher once.
 
     ``teacher_state`` (from the search driver, through Ray's object store) skips loading or
-    training the teacher again in every trial.
+    training the teacher again in every trial; ``teacher_metrics`` (measured once by the driver
+    on the same data) skips evaluating it again.
     """
     from granq_search.data import build_eval_data
     from granq_search.models import build_teacher, create_model, model_info
@@ -104,9 +124,17 @@ def build_setup(cfg: ExperimentConfig, device: str | torch.device = "auto", *,
     teacher = teacher.to(dev).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if teacher_metrics is None:
+        teacher_metrics = TeacherMetrics(evaluate(teacher, data.val, dev), evaluate(teacher, data.test, dev))
     return Setup(cfg=cfg, device=dev, teacher=teacher, in_channels=in_channels, val=data.val, test=data.test,
-                 data_meta=dict(data.meta), checkpoint_sha256=sha,
-                 teacher_val=evaluate(teacher, data.val, dev), teacher_test=evaluate(teacher, data.test, dev))
+                 data_meta=dict(data.meta), checkpoint_sha256=sha, teacher_val=dict(teacher_metrics.val),
+                 teacher_test=dict(teacher_metrics.test), teacher_latency_ms=teacher_metrics.latency_ms)
+
+
+def latency_shape(cfg: ExperimentConfig, in_channels: int) -> tuple[int, int, int, int]:
+    """The batch shape latencies are measured on (at most 32 images of the model's size)."""
+    size = int(cfg.model.image_size)
+    return (min(32, cfg.train.batch_size), in_channels, size, size)
 
 
 def measure_latency(model: nn.Module, shape: tuple[int, ...], device: torch.device, repeats: int = 5) -> float:
@@ -202,6 +230,8 @@ def run_training(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     setup: Setup | None = None,
+    eval_epochs: Collection[int] | None = None,
+    measure_ptq: bool = True,
 ) -> TrainResult:
     """Run the generator + QAT pipeline; return the final metrics and the trained networks.
 
@@ -209,6 +239,12 @@ def run_training(
     ``resume=True`` training continues from it. Returns final metrics: validation and test
     top-1 of the final student and of the best-validation student, the teacher's, drops
     against full precision (points), efficiency figures and timings.
+
+    ``eval_epochs``: the 1-based epochs after which the student is evaluated on the validation
+    split (a search passes its scheduler's rung epochs); the last epoch always is. None: every
+    epoch. Epochs not evaluated report no validation figures and cannot be the best epoch.
+    ``measure_ptq``: evaluate the post-training (pre-QAT) student on validation and test.
+    A run stopped early (:class:`StopTraining`) is not evaluated on the test split.
     """
     if not resume and ckpt_dir_has_last(checkpoint_dir):
         raise GranqError(f"'{checkpoint_dir}' already holds a training checkpoint; pass --resume to "
@@ -270,9 +306,9 @@ def run_training(
     else:
         if needs_calibration(student):
             calibrate_on_generator()
-        ptq_val = evaluate(student, setup.val, dev)
-        ptq_test = evaluate(student, setup.test, dev)
-        ptq = {"ptq_val_top1": ptq_val["top1"], "ptq_test_top1": ptq_test["top1"]}
+        if measure_ptq:
+            ptq = {"ptq_val_top1": evaluate(student, setup.val, dev)["top1"],
+                   "ptq_test_top1": evaluate(student, setup.test, dev)["top1"]}
 
     eff = efficiency(student, in_shape)
     reporter.on_start({
@@ -288,6 +324,9 @@ def run_training(
     })
 
     t_start = time.perf_counter()
+    t_eval = 0.0
+    evaluated = None if eval_epochs is None else {int(e) for e in eval_epochs} | {tc.epochs}
+    last_val: dict[str, float] | None = None
     stopped_early = False
     for epoch in range(start_epoch, tc.epochs):
         t_epoch = time.perf_counter()
@@ -308,27 +347,31 @@ def run_training(
             for k in sums:
                 sums[k] += parts[k]
             reporter.on_iteration(epoch, it, parts)
-        val = evaluate(student, setup.val, dev)
-        if not math.isfinite(val["loss"]):
-            raise TrainingDiverged(f"training diverged: validation loss is {val['loss']} after epoch {epoch + 1}; "
-                                   "lower optim.student.lr or raise the bit-widths")
-        if val["top1"] > best["val_top1"]:
-            best = {"val_top1": val["top1"], "epoch": epoch}
-            best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        metrics = {
-            "epoch": epoch + 1,
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "val_loss": val["loss"],
-            "val_drop": setup.teacher_val["top1"] - val["top1"],
-            "best_val_top1": best["val_top1"],
+        t_train = time.perf_counter() - t_epoch
+        metrics: dict[str, Any] = {"epoch": epoch + 1}
+        last_val = None
+        if evaluated is None or epoch + 1 in evaluated:
+            t0 = time.perf_counter()
+            val = evaluate(student, setup.val, dev)
+            t_eval += time.perf_counter() - t0
+            if not math.isfinite(val["loss"]):
+                raise TrainingDiverged(f"training diverged: validation loss is {val['loss']} after epoch "
+                                       f"{epoch + 1}; lower optim.student.lr or raise the bit-widths")
+            if val["top1"] > best["val_top1"]:
+                best = {"val_top1": val["top1"], "epoch": epoch}
+                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            last_val = val
+            metrics.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"],
+                           val_drop=setup.teacher_val["top1"] - val["top1"], best_val_top1=best["val_top1"])
+        metrics.update({
             "warmup": 1.0 if warm else 0.0,
             "lr_student": lr_s if not warm else 0.0,
             "lr_generator": lr_g,
             "epoch_time_s": time.perf_counter() - t_epoch,
+            "epoch_train_time_s": t_train,
             **{k: eff[k] for k in EPOCH_EFFICIENCY_KEYS},
             **{k: v / tc.iters_per_epoch for k, v in sums.items()},
-        }
+        })
         history.append(metrics)
         ckpt_path = None
         if ckpt_dir is not None:
@@ -351,34 +394,41 @@ def run_training(
             stopped_early = epoch + 1 < tc.epochs
             break
 
-    final_val = evaluate(student, setup.val, dev)
-    final_test = evaluate(student, setup.test, dev)
+    t_final = time.perf_counter()
+    # the last epoch's validation figures are those of the final student (same weights, same data)
+    final_val = last_val if last_val is not None else evaluate(student, setup.val, dev)
     best_student = student
-    if best_state is not None and best["epoch"] != history[-1]["epoch"] - 1:
+    best_is_final = best_state is None or best["epoch"] == history[-1]["epoch"] - 1
+    if not best_is_final:
         best_student = copy.deepcopy(student)
         best_student.load_state_dict(best_state)
-    best_test = evaluate(best_student, setup.test, dev)
     t_val, t_test = setup.teacher_val["top1"], setup.teacher_test["top1"]
+    tested: dict[str, float] = {}
+    if not stopped_early:  # a run the scheduler stopped is not reported on the test split
+        best_test = evaluate(best_student, setup.test, dev)
+        final_test = best_test if best_is_final else evaluate(student, setup.test, dev)
+        tested = {"test_top1": final_test["top1"], "test_top5": final_test["top5"],
+                  "best_test_top1": best_test["top1"], "test_drop": t_test - best_test["top1"]}
     eff = efficiency(student, in_shape)
-    lat_shape = (min(32, tc.batch_size), chans, size, size)
+    lat_shape = latency_shape(cfg, chans)
+    t_eval += time.perf_counter() - t_final
     final: dict[str, Any] = {
         "val_top1": final_val["top1"],
         "val_top5": final_val["top5"],
-        "test_top1": final_test["top1"],
-        "test_top5": final_test["top5"],
+        **tested,
         "best_val_top1": best["val_top1"],
         "best_epoch": best["epoch"] + 1,
-        "best_test_top1": best_test["top1"],
         "teacher_val_top1": t_val,
         "teacher_test_top1": t_test,
         "val_drop": t_val - best["val_top1"],
-        "test_drop": t_test - best_test["top1"],
         **ptq,
         "epochs_run": len(history),
         "stopped_early": stopped_early,
         "train_time_s": time.perf_counter() - t_start,
+        "eval_time_s": t_eval,
         "latency_ms": measure_latency(student, lat_shape, dev),
-        "latency_fp_ms": measure_latency(teacher, lat_shape, dev),
+        "latency_fp_ms": (setup.teacher_latency_ms if setup.teacher_latency_ms is not None
+                          else measure_latency(teacher, lat_shape, dev)),
         "granularity_sites": site_report(student),
         **{k: v for k, v in eff.items() if not isinstance(v, (list, dict))},
         "history": history,

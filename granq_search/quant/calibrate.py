@@ -85,6 +85,7 @@ def _site_row(name: str, q: ActQuantizer) -> dict[str, Any]:
         "calibrated": q.is_calibrated,
         "enabled": q.enabled,
         "producer": q.producer,
+        "role": q.role,
     }
 
 
@@ -93,5 +94,5 @@ def site_report(student: nn.Module) -> list[dict[str, Any]]:
     ``effective`` granularity, ``bits`` (32 when switched off), ``range_mode``, ``threshold``
     (tau, threshold sites only), ``ratio`` (r, calibrated threshold sites only, else None),
     ``fine`` (uses a granularity finer than per tensor), ``calibrated``, ``enabled``,
-    ``producer`` (the layer feeding the site)."""
+    ``producer`` (the layer feeding the site), ``role`` (relu_output, layer_input or residual)."""
     return [_site_row(name, q) for name, q in act_quantizers(student)]

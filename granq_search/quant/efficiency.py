@@ -21,6 +21,17 @@ per weight scale and per weight zero point (none when symmetric), biases at 32 b
 32 bits (BatchNorm is not counted in either: it folds into the preceding conv at deployment).
 ``compression = size_bits_fp / size_bits``.
 
+Activation memory: ``act_memory_bits`` is the activation storage one image needs, counted over
+every distinct tensor that a Conv2d / Linear layer or a residual addition (an elementwise add of
+two tensors of the same shape, e.g. ``out + shortcut``) reads: its elements times its bits (the
+bits of the quantizer that produced it, else 32). At placement ``relu_output`` a block's
+quantized input feeds both its conv and its shortcut and is counted once; at ``layer_input``
+the conv reads a k-bit copy while the shortcut reads the float (or ``residual_bits``) tensor,
+and both are counted. ``residual_bits`` is the precision of the residual stream: the bits of
+the residual-role quantizers (placement layer_input with ``act.residual_bits``), 32 for a float
+stream (layer_input without it), the ReLU-output bits at placement relu_output.
+``act_placement`` is ``relu_output``, ``layer_input`` or ``none``.
+
 Activation sites: ``act_scale_factors`` is the number of activation scale factors computed
 per inference of one image (per tensor: 1; per channel and per (sample, channel): C;
 threshold: C if the site is fine else 1); ``act_sites`` counts quantized sites;
@@ -47,9 +58,10 @@ GRID_PRESERVING = frozenset({
     "adaptive_max_pool1d", "adaptive_max_pool2d", "_adaptive_max_pool1d", "_adaptive_max_pool2d",
     "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
     "flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "clone", "detach",
-    "relu", "relu_", "dropout", "dropout2d", "identity",
+    "relu", "relu_", "dropout", "dropout2d", "identity", "__getitem__",
 })
-"""Names of functions whose output stays on the input's quantization grid."""
+"""Names of functions whose output stays on the input's quantization grid (plus ``pad`` with
+zeros: 0 is on every grid, since ranges contain 0 and zero points are integers)."""
 
 
 class _Tags:
@@ -67,15 +79,40 @@ class _Tags:
         return hit[1] if hit is not None and hit[0] is t else None
 
 
-class _Propagate(TorchFunctionMode):
+_ADDS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
+
+
+class _Reads:
+    """Distinct activation tensors read by layers and residual additions: id -> (tensor, bits)."""
+
     def __init__(self, tags: _Tags) -> None:
+        self.tags = tags
+        self.seen: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def add(self, t: Any) -> None:
+        if isinstance(t, torch.Tensor) and id(t) not in self.seen:
+            self.seen[id(t)] = (t, self.tags.get(t) or 32)
+
+    def bits(self) -> int:
+        return sum(t.numel() * b for t, b in self.seen.values())
+
+
+class _Propagate(TorchFunctionMode):
+    def __init__(self, tags: _Tags, reads: _Reads | None = None) -> None:
         super().__init__()
         self.tags = tags
+        self.reads = reads
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
-        if name in GRID_PRESERVING and args:
+        if (self.reads is not None and name in _ADDS and len(args) >= 2 and isinstance(args[0], torch.Tensor)
+                and isinstance(args[1], torch.Tensor) and args[0].shape == args[1].shape and args[0].dim() >= 3):
+            self.reads.add(args[0])
+            self.reads.add(args[1])
+        out = func(*args, **(kwargs or {}))
+        zero_pad = name == "pad" and (kwargs or {}).get("mode", args[2] if len(args) > 2 else "constant") == "constant" \
+            and not ((kwargs or {}).get("value", args[3] if len(args) > 3 else None) or 0)
+        if (name in GRID_PRESERVING or zero_pad) and args:
             bits = self.tags.get(args[0])
             if bits is not None:
                 self.tags.set(out[0] if isinstance(out, (tuple, list)) else out, bits)
@@ -104,6 +141,7 @@ def efficiency(student: nn.Module, input_shape: tuple[int, ...] | torch.Size,
     device = torch.device(device)
     x = torch.zeros((1, *tuple(input_shape)[1:]), dtype=dtype, device=device)
     tags = _Tags()
+    reads = _Reads(tags)
     layers: list[dict[str, Any]] = []
     sites: dict[int, dict[str, Any]] = {}
     names = {id(m): n for n, m in student.named_modules()}
@@ -120,6 +158,7 @@ def efficiency(student: nn.Module, input_shape: tuple[int, ...] | torch.Size,
             macs = out[0].numel() * m.in_features
         w_bits, gran, scales, zps = _weight_info(m)
         a_bits = tags.get(inp) or 32
+        reads.add(inp)
         first_call = id(m) not in counted
         counted.add(id(m))
         layers.append({
@@ -142,7 +181,7 @@ def efficiency(student: nn.Module, input_shape: tuple[int, ...] | torch.Size,
     modes = {m: m.training for m in student.modules()}
     student.eval()
     try:
-        with torch.no_grad(), _Propagate(tags):
+        with torch.no_grad(), _Propagate(tags, reads):
             student(x)
     finally:
         for h in handles:
@@ -158,10 +197,20 @@ def efficiency(student: nn.Module, input_shape: tuple[int, ...] | torch.Size,
         site_rows.append({
             "name": name, "bits": q.bits if q.enabled else 32, "effective": q.effective_granularity,
             "enabled": q.enabled, "fine": q.uses_fine, "scale_factors": q.num_scale_factors(shape),
-            "stored_ranges": q.num_stored_ranges(),
+            "stored_ranges": q.num_stored_ranges(), "role": q.role,
         })
     quantized_sites = [s for s in site_rows if s["enabled"]]
 
+    roles = {s["role"] for s in quantized_sites}
+    residual = [s["bits"] for s in quantized_sites if s["role"] == "residual"]
+    if residual:
+        placement, residual_bits = "layer_input", max(residual)
+    elif "layer_input" in roles:
+        placement, residual_bits = "layer_input", 32
+    elif roles:
+        placement, residual_bits = "relu_output", max(s["bits"] for s in quantized_sites)
+    else:
+        placement, residual_bits = "none", 32
     bitops = sum(r["macs"] * r["w_bits"] * r["a_bits"] for r in layers)
     bitops_fp = sum(r["macs"] * 32 * 32 for r in layers)
     stored = [r for r in layers if not r["shared_call"]]
@@ -179,6 +228,9 @@ def efficiency(student: nn.Module, input_shape: tuple[int, ...] | torch.Size,
         "weight_params": sum(r["weight_params"] for r in stored),
         "act_scale_factors": sum(s["scale_factors"] for s in quantized_sites),
         "act_sites": len(quantized_sites),
+        "act_memory_bits": reads.bits(),
+        "residual_bits": residual_bits,
+        "act_placement": placement,
         "fine_fraction": (sum(s["fine"] for s in quantized_sites) / len(quantized_sites)) if quantized_sites else 0.0,
         "layers": layers,
         "sites": site_rows,

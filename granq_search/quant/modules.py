@@ -58,6 +58,11 @@ from granq_search.quant.granularity import (
 
 __all__ = ["ActSpec", "WeightSpec", "ActQuantizer", "QuantConv2d", "QuantLinear", "FLOAT"]
 
+ROLES = ("relu_output", "layer_input", "residual")
+"""Where an activation quantizer sits: at a ReLU output (placement relu_output), at a layer's
+input (placement layer_input), or at a ReLU output on the residual stream (layer_input with
+``residual_bits``)."""
+
 FLOAT = "none (float)"
 """Effective granularity reported for a quantizer that is switched off."""
 
@@ -116,8 +121,11 @@ class ActQuantizer(nn.Module):
 
     def __init__(self, bits: int = 4, granularity: str = "per_sample_channel", threshold: float = 0.5,
                  range_mode: str = "dynamic", enabled: bool = True, site: str = "",
-                 producer: str | None = None) -> None:
+                 producer: str | None = None, role: str = "relu_output") -> None:
         super().__init__()
+        if role not in ROLES:
+            raise ConfigError(f"{role!r} is not allowed; choose one of {', '.join(map(repr, ROLES))}", field="role")
+        self.role = role
         spec = ActSpec(bits, granularity, float(threshold), range_mode, bool(enabled))
         self.bits = spec.bits
         self.granularity = spec.granularity
@@ -141,8 +149,9 @@ class ActQuantizer(nn.Module):
         self._reset_observations()
 
     @classmethod
-    def from_spec(cls, spec: ActSpec, site: str = "", producer: str | None = None) -> ActQuantizer:
-        return cls(spec.bits, spec.granularity, spec.threshold, spec.range_mode, spec.enabled, site, producer)
+    def from_spec(cls, spec: ActSpec, site: str = "", producer: str | None = None,
+                  role: str = "relu_output") -> ActQuantizer:
+        return cls(spec.bits, spec.granularity, spec.threshold, spec.range_mode, spec.enabled, site, producer, role)
 
     @property
     def spec(self) -> ActSpec:
@@ -313,8 +322,8 @@ class ActQuantizer(nn.Module):
         return self.lo.numel() if (self.enabled and self.range_mode == "static" and self._calibrated) else 0
 
     def extra_repr(self) -> str:
-        parts = [f"site={self.site!r}", f"bits={self.bits}", f"granularity={self.granularity}",
-                 f"range_mode={self.range_mode}"]
+        parts = [f"site={self.site!r}", f"role={self.role}", f"bits={self.bits}",
+                 f"granularity={self.granularity}", f"range_mode={self.range_mode}"]
         if self.is_threshold:
             parts.append(f"threshold={self.threshold}")
         if not self.enabled:

@@ -170,9 +170,9 @@ def _weight_spec(cfg: QuantConfig, name: str) -> tuple[WeightSpec, bool]:
     return WeightSpec(bits, gran, cfg.weight.symmetric), enabled
 
 
-def _act_spec(cfg: QuantConfig, site: str, producer: str | None) -> ActSpec:
+def _act_spec(cfg: QuantConfig, site: str, producer: str | None, bits: int | None = None) -> ActSpec:
     a = cfg.act
-    bits, gran, enabled = a.bits, a.granularity, True
+    bits, gran, enabled = (a.bits if bits is None else bits), a.granularity, True
     for o in cfg.overrides:
         if fnmatchcase(site, o.pattern) or (producer is not None and fnmatchcase(producer, o.pattern)):
             enabled = enabled and o.quantize
@@ -234,6 +234,31 @@ def _check_plain(m: nn.Module, base: type, name: str, model: nn.Module) -> None:
                          f"which the quantizer cannot wrap; use a plain {base.__name__}")
 
 
+def _insert_input_sites(graph: fx.Graph, modules: Mapping[str, nn.Module], quant_cfg: QuantConfig,
+                        container: nn.ModuleDict, site_device: torch.device, counts: dict[str, int],
+                        taken: set[str]) -> None:
+    """Placement ``layer_input``: a quantizer on the input of every Conv2d / Linear call whose
+    input comes from another layer (the first layer reads the image, which is never quantized).
+    Each call gets its own quantizer, site ``<layer>.input`` (``#k`` for further calls)."""
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), (nn.Conv2d, nn.Linear)):
+            continue
+        inp = node.args[0] if node.args else None
+        producer = _producer(node, modules)
+        if not isinstance(inp, fx.Node) or producer is None:
+            continue
+        base = f"{node.target}.input"
+        k = counts.get(base, 0)
+        counts[base] = k + 1
+        site = base if k == 0 else f"{base}#{k}"
+        key = _key(site, taken)
+        spec = _act_spec(quant_cfg, site, producer)
+        container[key] = ActQuantizer.from_spec(spec, site=site, producer=producer, role="layer_input").to(site_device)
+        with graph.inserting_before(node):
+            qnode = graph.call_module(f"{ACT_CONTAINER}.{key}", args=(inp,))
+        node.replace_input_with(inp, qnode)
+
+
 def prepare(model: nn.Module, quant_cfg: QuantConfig, example_input: torch.Tensor | None = None) -> fx.GraphModule:
     """A quantized copy of ``model`` (see the module docstring); ``model`` is left untouched.
 
@@ -272,10 +297,15 @@ def prepare(model: nn.Module, quant_cfg: QuantConfig, example_input: torch.Tenso
     order = {n: i for i, n in enumerate(graph.nodes)}
     counts: dict[str, int] = {}
     taken: set[str] = set()
+    placement, residual_bits = quant_cfg.act.placement, quant_cfg.act.residual_bits
+    if placement == "layer_input":
+        _insert_input_sites(graph, modules, quant_cfg, container, site_device, counts, taken)
     for node in list(graph.nodes):
         kind = _site_kind(node, modules)
         if kind is None:
             continue
+        if placement == "layer_input" and residual_bits is None:
+            continue  # the ReLU outputs (the residual stream) stay in float
         fn, inplace = kind
         if node.op == "call_module":
             base = str(node.target)
@@ -287,7 +317,9 @@ def prepare(model: nn.Module, quant_cfg: QuantConfig, example_input: torch.Tenso
         site = base if k == 0 else f"{base}#{k}"
         producer = _producer(node, modules)
         key = _key(site, taken)
-        quantizer = ActQuantizer.from_spec(_act_spec(quant_cfg, site, producer), site=site, producer=producer)
+        role = "residual" if placement == "layer_input" else "relu_output"
+        spec = _act_spec(quant_cfg, site, producer, bits=residual_bits if role == "residual" else None)
+        quantizer = ActQuantizer.from_spec(spec, site=site, producer=producer, role=role)
         container[key] = quantizer.to(site_device)
         with graph.inserting_after(node):
             qnode = graph.call_module(f"{ACT_CONTAINER}.{key}", args=(node,))

@@ -238,13 +238,25 @@ def _teacher(cfg: ExperimentConfig) -> tuple[dict[str, Any], str | None, str]:
     return state, teacher.checkpoint_sha256, teacher.source
 
 
-def _check_data(cfg: ExperimentConfig) -> None:
-    from granq_search.data import build_eval_data
-    from granq_search.pipeline.trainer import resolve_config
+def _measure_teacher(cfg: ExperimentConfig, teacher_state: Mapping[str, Any], teacher_sha: str | None, *,
+                     threads: int | None) -> dict[str, Any]:
+    """The teacher's validation and test accuracy (this also checks the data before Ray starts)
+    and, when ``threads`` is given (trials on CPU), its FP latency at the trials' thread count:
+    measured once here and handed to every trial instead of being measured in each."""
+    import torch
 
-    cfg = resolve_config(cfg)
-    build_eval_data(cfg.data, mean=cfg.model.mean, std=cfg.model.std, image_size=cfg.model.image_size,
-                    num_classes=cfg.model.num_classes)
+    from granq_search.pipeline.trainer import build_setup, latency_shape, measure_latency
+
+    setup = build_setup(cfg, "cpu", teacher_state=teacher_state, teacher_sha256=teacher_sha)
+    latency = None
+    if threads is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            latency = measure_latency(setup.teacher, latency_shape(setup.cfg, setup.in_channels), setup.device)
+        finally:
+            torch.set_num_threads(before)
+    return {"val": setup.teacher_val, "test": setup.teacher_test, "latency_ms": latency}
 
 
 def _pareto(study, space: SearchSpace) -> list[dict[str, Any]]:
@@ -374,15 +386,19 @@ def run_search(
 
     trial_base = _abs_paths(the_space.search_base, local=local)
     teacher_state, teacher_sha, teacher_source = _teacher(trial_base)
-    if local:
-        _check_data(trial_base)
+    teacher_metrics = record.get("teacher_metrics") if resume else None
+    if local and teacher_metrics is None:
+        from granq_search.search.trainable import threads_for_cpus
+
+        threads = threads_for_cpus(cpus_per_trial) if not gpus_per_trial else None
+        teacher_metrics = _measure_teacher(trial_base, teacher_state, teacher_sha, threads=threads)
 
     # ------------------------------------------------------------- side effects start here
     import ray
     from ray import tune
 
     from granq_search.search.costs import EfficiencyCost
-    from granq_search.search.scheduler import asha_for
+    from granq_search.search.scheduler import asha_for, eval_epochs
     from granq_search.search.searcher import OptunaSearcher, close_running_trials, open_study, replayable_results
     from granq_search.search.trainable import make_trainable
 
@@ -402,7 +418,11 @@ def run_search(
            "TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_PERIOD_S)),
            # one checkpoint per epoch with num_to_keep=2 forces frequent snapshots, by design
            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S":
-               os.environ.get("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")}
+               os.environ.get("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"),
+           # trials validate only at the scheduler's rung epochs and the last one (eval_epochs):
+           # the other epochs' reports carry no val_top1, which ASHA skips and the searcher and
+           # recorder accept; Ray's check that every report names the scheduler metric is off
+           "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
     if not progress:
         env["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine prints a header even at verbose 0
     try:
@@ -426,6 +446,7 @@ def run_search(
                     "study_name": name,
                     "tracking_uri": uri,
                     "teacher": {"source": teacher_source, "sha256": teacher_sha},
+                    "teacher_metrics": teacher_metrics,
                 }
                 open_study(the_space, str(paths.journal), name, create=True)  # enqueues the initial points
             record.update(status="running", updated=time.time(), cpus_per_trial=cpus_per_trial,
@@ -438,7 +459,7 @@ def run_search(
             replay = replayable_results(the_space, str(paths.journal), name) if resume else {}
             fn = make_trainable(to_dict(trial_base), teacher_state=teacher_state, teacher_sha256=teacher_sha,
                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, function=trainable,
-                                replay=replay)
+                                replay=replay, teacher_metrics=teacher_metrics, eval_epochs=eval_epochs(the_space))
             if tracking:
                 from granq_search.search.trainable import threads_for_cpus
                 from granq_search.tracking import SearchRecorder
@@ -535,6 +556,12 @@ def run_search(
             outcome.best_config = str(export_config(uri, name, "best", output=paths.best))
         except GranqError as e:
             notes.append(f"export: {e}")
+        if outcome.counts["complete"] >= 2:
+            from granq_search.search.importance import log_importance_artifacts
+
+            if not log_importance_artifacts(uri, name, paths.journal, record["objectives"]):
+                notes.append("importance: importance.json/png not stored in MLflow (see the warning above); "
+                             "`python tune_main.py leaderboard --importance` computes them")
     record.update(outcome={k: v for k, v in outcome.to_dict().items() if k not in ("leaderboard",)})
     _write_record(paths.record, record)
     return outcome

@@ -22,7 +22,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from granq_search.search.space import SearchSpace
 
-__all__ = ["PersistentASHA", "asha_for", "ASHA_METRIC", "ASHA_MODE", "TIME_ATTR"]
+__all__ = ["PersistentASHA", "asha_for", "ASHA_METRIC", "ASHA_MODE", "TIME_ATTR", "rung_epochs", "eval_epochs"]
 
 TIME_ATTR = "epoch"
 ASHA_METRIC = "val_top1"
@@ -132,3 +132,27 @@ def asha_for(space: SearchSpace, state_path: str | os.PathLike) -> PersistentASH
         reduction_factor=space.scheduler.reduction_factor,
         brackets=1,
     )
+
+
+def rung_epochs(space: SearchSpace) -> list[int]:
+    """The epochs (1-based) at which ASHA decides, as Ray's one-bracket ASHA places its rungs:
+    ``grace * rf**k`` below or at ``max_t``. Empty without ASHA."""
+    if space.scheduler.type != "asha":
+        return []
+    grace, rf, max_t = space.asha_grace_period, space.scheduler.reduction_factor, space.asha_max_t
+    rungs = []
+    k = 0
+    while grace * rf ** k <= max_t:
+        rungs.append(int(grace * rf ** k))
+        k += 1
+    return rungs
+
+
+def eval_epochs(space: SearchSpace) -> list[int] | None:
+    """The epochs a trial validates after: ASHA's rungs and the last epoch (ASHA reads the
+    metric nowhere else, and the last epoch ranks the trial). None without ASHA (every epoch,
+    which also lets the best-validation epoch be chosen from all of them)."""
+    rungs = rung_epochs(space)
+    if not rungs:
+        return None
+    return sorted(set(rungs) | {space.asha_max_t})

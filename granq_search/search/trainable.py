@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +96,20 @@ def replay_finished(replay: Mapping[str, Mapping[str, Any]] | None) -> bool:
 
 def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
                 teacher_state: Mapping[str, Any] | None = None, teacher_sha256: str | None = None,
-                replay: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                replay: Mapping[str, Mapping[str, Any]] | None = None,
+                teacher_metrics: Mapping[str, Any] | None = None,
+                eval_epochs: Sequence[int] | None = None) -> None:
     """Ray Tune function trainable (see the module docstring). ``config``: dotted path -> value;
-    ``replay``: final results of trials that already ended (see :func:`replay_finished`)."""
+    ``replay``: final results of trials that already ended (see :func:`replay_finished`);
+    ``teacher_metrics``: the teacher's accuracies (and FP latency) measured once by the driver;
+    ``eval_epochs``: the epochs to validate after (the scheduler's rungs and the last one)."""
     import torch
     from ray import tune
 
     from granq_search.config import from_dict, with_overrides
     from granq_search.errors import GranqError
     from granq_search.pipeline.checkpoint import LAST
-    from granq_search.pipeline.trainer import build_setup, resolve_device, run_training
+    from granq_search.pipeline.trainer import TeacherMetrics, build_setup, resolve_device, run_training
     from granq_search.search.report import RayReporter
 
     if replay_finished(replay):
@@ -132,9 +136,13 @@ def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
                     shutil.copy2(src, workdir / LAST)
                     resume = True
         try:
-            setup = build_setup(cfg, device, teacher_state=teacher_state, teacher_sha256=teacher_sha256)
+            metrics = TeacherMetrics.from_dict(teacher_metrics) if teacher_metrics else None
+            if metrics is not None and device.type != "cpu":  # the driver measured FP latency on a CPU
+                metrics = TeacherMetrics(metrics.val, metrics.test, None)
+            setup = build_setup(cfg, device, teacher_state=teacher_state, teacher_sha256=teacher_sha256,
+                                teacher_metrics=metrics)
             run_training(setup.cfg, device=device, reporter=reporter, checkpoint_dir=workdir, resume=resume,
-                         setup=setup)
+                         setup=setup, eval_epochs=eval_epochs, measure_ptq=False)
         except GranqError as e:
             reporter.report_failure(failure_message(e))
         except (RuntimeError, MemoryError) as e:
@@ -149,7 +157,8 @@ def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
 
 def make_trainable(base_cfg: Mapping[str, Any], *, teacher_state: Mapping[str, Any] | None,
                    teacher_sha256: str | None, cpus_per_trial: float, gpus_per_trial: float,
-                   function=None, replay: Mapping[str, Mapping[str, Any]] | None = None):
+                   function=None, replay: Mapping[str, Mapping[str, Any]] | None = None,
+                   teacher_metrics: Mapping[str, Any] | None = None, eval_epochs: Sequence[int] | None = None):
     """``tune.with_resources(tune.with_parameters(train_trial, ...), {"cpu": c, "gpu": g})``.
 
     ``function`` replaces :func:`train_trial` (same keyword parameters); for embedding and tests.
@@ -157,6 +166,11 @@ def make_trainable(base_cfg: Mapping[str, Any], *, teacher_state: Mapping[str, A
     from ray import tune
 
     fn = function or train_trial
+    extra: dict[str, Any] = {}
+    if teacher_metrics is not None:
+        extra["teacher_metrics"] = dict(teacher_metrics)
+    if eval_epochs is not None:
+        extra["eval_epochs"] = list(eval_epochs)
     wrapped = tune.with_parameters(fn, base_cfg=dict(base_cfg), teacher_state=teacher_state,
-                                   teacher_sha256=teacher_sha256, replay=dict(replay or {}))
+                                   teacher_sha256=teacher_sha256, replay=dict(replay or {}), **extra)
     return tune.with_resources(wrapped, {"cpu": float(cpus_per_trial), "gpu": float(gpus_per_trial)})

@@ -41,7 +41,7 @@ def accuracy(config: dict, epoch: int, epochs: int) -> float:
     return 40.0 + 50.0 * min(quality, 1.0) * epoch / epochs
 
 
-def synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None, replay=None):
+def synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None, replay=None, **_driver_facts):
     import ray
     from ray import tune
 
@@ -79,7 +79,8 @@ def synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None
                      "test_top1": best, "epochs_run": epochs, "history": []})
 
 
-def oom_or_synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None, replay=None):
+def oom_or_synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None, replay=None,
+                           **driver_facts):
     """``quant.act.bits == 3``: the REAL ``train_trial`` whose training runs out of memory (the
     product code that classifies the error is exercised); anything else: ``synthetic_trial``."""
     if int(config.get("quant.act.bits", 4)) != 3:
@@ -100,6 +101,7 @@ def oom_or_synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha2
     real = trainer.run_training
     trainer.run_training = out_of_memory  # this worker process only; restored below (actors are reused)
     try:
-        train_trial(config, base_cfg=base_cfg, teacher_state=teacher_state, teacher_sha256=teacher_sha256)
+        train_trial(config, base_cfg=base_cfg, teacher_state=teacher_state, teacher_sha256=teacher_sha256,
+                    **driver_facts)
     finally:
         trainer.run_training = real
