@@ -33,7 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where searches live: DIR/NAME/..., MLflow store DIR/mlflow.db (default: runs/search)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the space's base, e.g. --set data.root=/data/cifar10; on a "
-                   "fidelity key (train.epochs, ...) it changes only the search budget (repeatable)")
+                   "fidelity key (train.epochs, ...) it changes only the search budget; a searched parameter given "
+                   "with --set is pinned for this search (its value must lie in the parameter's range or choices; "
+                   "e.g. --set quant.act.bits=3 --set quant.weight.bits=3 for a W3A3 search) (repeatable)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="C", help="CPUs per trial (default: 1)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G",
                    help="GPUs per trial; fractions pack trials onto one GPU (no memory isolation) (default: 0)")

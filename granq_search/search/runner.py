@@ -471,6 +471,7 @@ def run_search(
                     parent_tags={
                         "granq.space_file": the_space.source,
                         "granq.fidelity": json.dumps(fidelity, default=str),
+                        "granq.pinned": json.dumps(dict(getattr(the_space, "pinned", {}) or {}), default=str),
                         "granq.production": json.dumps({p: get_path(the_space.base, p) for p in fidelity},
                                                        default=str),
                         "granq.search_dir": str(paths.root),

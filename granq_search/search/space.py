@@ -23,6 +23,12 @@ Three configs come out of it:
   which only change the search budget). Every trial runs the search base + its parameters.
 * a trial's config: ``trial_config(params)``, validated as a whole.
 
+A ``--set`` override of a *searched* parameter **pins** it for this search: the value must lie
+inside the parameter's range (or be one of its choices), the parameter is no longer searched
+(``parameters`` drops it, ``pinned`` records it) and the value goes into both bases like any
+other non-fidelity ``--set`` override. ``initial_points`` lose the pinned keys (points that
+become empty or duplicates are dropped). Pinning every parameter is an error.
+
 Everything is checked when the file is loaded, before Ray starts: unknown keys, parameter
 paths that are not config fields, bounds the config would reject (each bound and each
 categorical choice is applied to the search base with ``with_overrides``), objectives on test
@@ -77,6 +83,7 @@ OBJECTIVE_METRICS = (
     "compression",
     "act_scale_factors",
     "fine_fraction",
+    "act_memory_bits",
     "latency_ms",
 )
 #: Cost metrics that are known from the config alone (quantized model, no training).
@@ -193,6 +200,9 @@ class SearchSpace:
     raw: dict[str, Any] = field(default_factory=dict)
     """The file's content as parsed (recorded in search.json)."""
     set_overrides: dict[str, Any] = field(default_factory=dict)
+    pinned: dict[str, Any] = field(default_factory=dict)
+    """Searched parameters fixed for this search by ``--set`` (path -> value); they are part of
+    both bases, not of ``parameters``."""
 
     # ----------------------------------------------------------------- derived views
 
@@ -239,6 +249,7 @@ class SearchSpace:
             "fidelity": dict(self.fidelity),
             "parameters": {p: s.to_record() for p, s in self.parameters.items()},
             "constraints": dict(self.constraints),
+            "pinned": dict(self.pinned),
         }
 
 
@@ -373,6 +384,23 @@ def _parse_param(where: _Where, path: Any, spec: Any) -> ParamSpec:
     return ParamSpec(path=path, type=kind, low=low, high=high, log=log, step=step)
 
 
+def _pin_value(spec: ParamSpec, value: Any) -> Any:
+    """``value`` (inside ``spec``) as the parameter's own type: int, float, or the matching choice."""
+    if spec.type == "int":
+        return int(value)
+    if spec.type == "float":
+        return float(value)
+    for c in spec.choices:  # an exact (same type) match first, then an equal one (3.0 -> 3)
+        if value == c and type(value) is type(c):
+            return c
+    return next(c for c in spec.choices if value == c)
+
+
+def _point_key(point: Mapping[str, Any]) -> tuple:
+    """Identity of an initial point (1, 1.0 and True differ)."""
+    return tuple(sorted((k, type(v).__name__, repr(v)) for k, v in point.items()))
+
+
 def _parse_objectives(where: _Where, value: Any) -> tuple[Objective, ...]:
     if not isinstance(value, list) or not value:
         raise where.error("objectives", "needs a list of {metric, mode}, for example "
@@ -480,11 +508,26 @@ def parse_space(data: Any, source: str, *, space_file: Path | None = None,
     raw_params = _mapping(where, "parameters", data.get("parameters"))
     if not raw_params:
         raise where.error("parameters", "needs at least one parameter to search")
-    parameters = {str(p): _parse_param(where, p, s) for p, s in raw_params.items()}
-    for path in list(fidelity) + list(set_overrides):
-        if path in parameters:
-            src = "fidelity" if path in fidelity else "--set"
-            raise where.error(f"{src} {path}", "is also a searched parameter; fix it in one place only")
+    declared = {str(p): _parse_param(where, p, s) for p, s in raw_params.items()}
+    for path in fidelity:
+        if path in declared:
+            raise where.error(f"fidelity {path}", "is also a searched parameter; fix it in one place only")
+    # a --set override of a searched parameter pins it for this search (both bases get the value)
+    pinned: dict[str, Any] = {}
+    for path, value in set_overrides.items():
+        spec = declared.get(path)
+        if spec is None:
+            continue
+        if not spec.contains(value):
+            allowed = (f"one of {list(spec.choices)}" if spec.type == "categorical"
+                       else f"inside {spec.to_record()}")
+            raise where.error(f"--set {path}", f"{value!r} is outside the searched parameter's range; a searched "
+                              f"parameter given with --set is pinned and must be {allowed}")
+        pinned[path] = _pin_value(spec, value)
+    parameters = {p: s for p, s in declared.items() if p not in pinned}
+    if not parameters:
+        raise where.error("--set", f"pins every searched parameter ({', '.join(pinned)}); nothing left to search: "
+                          "drop a --set, or train the config with `python tune_main.py train` instead")
 
     if base_cfg is None:
         base = _resolve_base(where, data["base"], space_file)
@@ -492,7 +535,8 @@ def parse_space(data: Any, source: str, *, space_file: Path | None = None,
     else:
         base = base_cfg
     search_only = {k: v for k, v in set_overrides.items() if k in fidelity}
-    production_set = {k: v for k, v in set_overrides.items() if k not in fidelity}
+    production_set = {k: pinned.get(k, v) for k, v in set_overrides.items() if k not in fidelity}
+    # with base_cfg (a rebuilt space) the base already holds every --set value, pins included
     if base_cfg is None and production_set:
         base = _apply(where, "--set", base, production_set)
     fidelity_eff = {**fidelity, **search_only}
@@ -515,25 +559,30 @@ def parse_space(data: Any, source: str, *, space_file: Path | None = None,
     if not isinstance(points_raw, list):
         raise where.error("initial_points", "expected a list of {parameter: value} mappings")
     points: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
     for i, point in enumerate(points_raw):
         key = f"initial_points[{i}]"
         if not isinstance(point, Mapping) or not point:
             raise where.error(key, "expected a non-empty mapping of parameter values")
-        for path, value in point.items():
-            if path not in parameters:
-                close = difflib.get_close_matches(str(path), list(parameters), n=1)
+        for path, value in point.items():  # checked against the file's parameters, pinned or not
+            if path not in declared:
+                close = difflib.get_close_matches(str(path), list(declared), n=1)
                 tip = f"; did you mean '{close[0]}'?" if close else ""
                 raise where.error(f"{key}.{path}", f"is not a searched parameter{tip}")
-            if not parameters[path].contains(value):
+            if not declared[path].contains(value):
                 raise where.error(f"{key}.{path}", f"{value!r} is outside the parameter's range "
-                                  f"{parameters[path].to_record()}")
-        _apply(where, key, search_base, point)
-        points.append(dict(point))
+                                  f"{declared[path].to_record()}")
+        kept = {p: v for p, v in point.items() if p not in pinned}
+        if not kept or _point_key(kept) in seen:  # only pinned values, or the same as an earlier point
+            continue
+        _apply(where, key, search_base, kept)
+        seen.add(_point_key(kept))
+        points.append(kept)
 
     space = SearchSpace(
         source=source, base_ref=str(data["base"]), base=base, fidelity=fidelity_eff, search_base=search_base,
         objectives=objectives, parameters=parameters, constraints=constraints, initial_points=tuple(points),
-        scheduler=scheduler, sampler=sampler, raw=dict(data), set_overrides=set_overrides,
+        scheduler=scheduler, sampler=sampler, raw=dict(data), set_overrides=set_overrides, pinned=pinned,
     )
     if scheduler.type == "asha":
         if "train.epochs" in parameters:
@@ -564,5 +613,10 @@ def space_from_record(record: Mapping[str, Any]) -> SearchSpace:
         base = from_dict(record["base_config"])
     except ConfigError as e:
         raise SearchSpaceError(f"search.json: base_config: {e}") from None
-    return parse_space(record["raw"], record["source"], base_cfg=base,
-                       set_overrides=record.get("set_overrides") or {})
+    space = parse_space(record["raw"], record["source"], base_cfg=base,
+                        set_overrides=record.get("set_overrides") or {})
+    recorded = record.get("pinned")  # absent in records written before pinning existed
+    if recorded is not None and dict(recorded) != space.pinned:
+        raise SearchSpaceError(f"search.json: pinned {dict(recorded)} does not match the pins its --set overrides "
+                               f"give ({space.pinned}); the record was edited")
+    return space

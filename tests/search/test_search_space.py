@@ -149,8 +149,8 @@ def test_set_overrides_split_between_budget_and_production(tmp_path):
     assert space.search_base.train.epochs == 2 and space.base.train.epochs == 8
     assert space.fidelity["train.epochs"] == 2
     assert space.base.data.batch_size == 128 and space.search_base.data.batch_size == 128
-    with pytest.raises(SearchSpaceError, match="--set quant.act.bits: is also a searched parameter"):
-        load_space(write(tmp_path, GOOD), {"quant.act.bits": 4})
+    # a searched parameter given with --set is pinned (see the pinning tests below)
+    assert "quant.act.bits" not in load_space(write(tmp_path, GOOD), {"quant.act.bits": 4}).parameters
     with pytest.raises(SearchSpaceError, match="--set quant.act.bitz"):
         load_space(write(tmp_path, GOOD), {"quant.act.bitz": 4})
 
@@ -175,3 +175,132 @@ def test_digits_default_budget():
     assert space.metrics == ["val_drop", "bitops"]
     assert {"quant.act.threshold", "quant.act.bits", "quant.weight.bits", "optim.student.lr",
             "optim.generator.lr", "loss.alpha_ds"} <= set(space.parameters)
+
+
+# --------------------------------------------------------------------------- pinning with --set
+
+
+def test_set_pins_a_searched_parameter(tmp_path):
+    space = load_space(write(tmp_path, GOOD), {"quant.act.bits": 3, "data.batch_size": 128})
+    assert space.pinned == {"quant.act.bits": 3}
+    assert "quant.act.bits" not in space.parameters and "quant.act.bits" not in space.distributions()
+    assert set(space.distributions()) == set(GOOD["parameters"]) - {"quant.act.bits"}
+    assert space.trial_config({}).quant.act.bits == 3 and space.production_config({}).quant.act.bits == 3
+    assert space.base.quant.act.bits == 3 and space.search_base.quant.act.bits == 3
+    assert "quant.act.bits" not in space.fidelity  # not a budget key: production keeps the pin
+    cfg = space.trial_config({"train.seed": 2})
+    assert cfg.quant.act.bits == 3 and cfg.train.seed == 2 and cfg.train.epochs == 4
+    assert space.production_config({"train.seed": 2}).train.epochs == 8
+    assert space.base.data.batch_size == 128  # other --set overrides behave as before
+
+
+def test_pin_is_normalised_to_the_parameter_type(tmp_path):
+    space = load_space(write(tmp_path, GOOD), {"quant.act.threshold": 1, "train.seed": 2.0, "quant.act.bits": 4.0})
+    assert space.pinned == {"quant.act.threshold": 1.0, "train.seed": 2, "quant.act.bits": 4}
+    assert [type(v) for v in space.pinned.values()] == [float, int, int]
+
+
+@pytest.mark.parametrize("path, value, words", [
+    ("quant.act.threshold", 1.5, "inside {'type': 'float', 'low': 0.0, 'high': 1.0}"),
+    ("optim.student.lr", 0.5, "'log': True"),
+    ("train.seed", 7, "inside {'type': 'int', 'low': 0, 'high': 3}"),
+    ("train.seed", 1.5, "inside"),
+    ("quant.act.bits", 5, "one of [3, 4]"),
+    ("quant.act.bits", "4", "one of [3, 4]"),
+])
+def test_pin_outside_the_range_is_an_error(tmp_path, path, value, words):
+    f = write(tmp_path, GOOD)
+    with pytest.raises(SearchSpaceError) as err:
+        load_space(f, {path: value})
+    msg = str(err.value)
+    assert "\n" not in msg and str(f) in msg, msg
+    assert f": --set {path}: {value!r} is outside the searched parameter's range" in msg, msg
+    assert words in msg, msg
+
+
+def test_pin_prunes_and_deduplicates_initial_points(tmp_path):
+    doc = with_change("initial_points", [
+        {"quant.act.threshold": 0.0, "quant.act.bits": 4},
+        {"quant.act.threshold": 0.0, "quant.act.bits": 3},   # same as the first once bits is pinned
+        {"quant.act.bits": 3},                               # nothing left once bits is pinned
+        {"quant.act.threshold": 0.5, "train.seed": 1, "quant.act.bits": 3},
+        {"quant.act.threshold": 0.5, "train.seed": 1},       # duplicate of the previous one
+    ])
+    f = write(tmp_path, doc)
+    assert len(load_space(f).initial_points) == 5  # unpinned: every point kept as written
+    space = load_space(f, {"quant.act.bits": 3})
+    assert space.initial_points == ({"quant.act.threshold": 0.0}, {"quant.act.threshold": 0.5, "train.seed": 1})
+    # the file is still checked as written: a pinned key's value outside its range is an error
+    bad = with_change("initial_points", [{"quant.act.threshold": 0.0, "quant.act.bits": 5}])
+    with pytest.raises(SearchSpaceError, match=r"initial_points\[0\]\.quant\.act\.bits: 5 is outside"):
+        load_space(write(tmp_path, bad, "bad.yaml"), {"quant.act.bits": 3})
+
+
+def test_pinning_every_parameter_is_an_error(tmp_path):
+    f = write(tmp_path, GOOD)
+    pins = {"quant.act.threshold": 0.5, "quant.act.bits": 3, "optim.student.lr": 1e-3, "train.seed": 0}
+    with pytest.raises(SearchSpaceError) as err:
+        load_space(f, pins)
+    msg = str(err.value)
+    assert "\n" not in msg and "nothing left to search" in msg and ": --set:" in msg, msg
+    pins.pop("train.seed")
+    assert list(load_space(f, pins).parameters) == ["train.seed"]
+
+
+def test_pinned_warmup_sets_the_asha_grace_period(tmp_path):
+    doc = with_change("parameters/train.warmup_epochs", {"type": "int", "low": 0, "high": 2})
+    del doc["fidelity"]["train.warmup_epochs"]
+    f = write(tmp_path, doc)
+    assert load_space(f).asha_grace_period == 3  # largest searched warm-up 2 + grace 1
+    space = load_space(f, {"train.warmup_epochs": 0})
+    assert space.search_base.train.warmup_epochs == 0 and space.asha_grace_period == 1
+    assert load_space(f, {"train.warmup_epochs": 2}).asha_grace_period == 3
+    # grace 3: the searched warm-up range (up to 2) does not fit 4 epochs; a pin of 1 does, 2 does not
+    doc["scheduler"]["grace_period"] = 3
+    f2 = write(tmp_path, doc, "asha.yaml")
+    with pytest.raises(SearchSpaceError, match="exceeds train.epochs"):
+        load_space(f2)
+    assert load_space(f2, {"train.warmup_epochs": 1}).asha_grace_period == 4
+    with pytest.raises(SearchSpaceError, match=r"warm-up \(2\) \+ grace_period \(3\) = 5 epochs exceeds"):
+        load_space(f2, {"train.warmup_epochs": 2})
+
+
+def test_pinned_train_epochs_is_allowed_with_asha(tmp_path):
+    doc = with_change("parameters/train.epochs", {"type": "int", "low": 2, "high": 6})
+    del doc["fidelity"]["train.epochs"]
+    f = write(tmp_path, doc)
+    with pytest.raises(SearchSpaceError, match="ASHA needs one epoch budget"):
+        load_space(f)
+    space = load_space(f, {"train.epochs": 3})
+    assert space.asha_max_t == 3 and space.base.train.epochs == 3
+
+
+def test_pin_record_round_trip(tmp_path):
+    space = load_space(write(tmp_path, GOOD), {"quant.act.bits": 3.0, "data.batch_size": 128})
+    record = yaml.safe_load(yaml.safe_dump(space.to_record()))
+    assert record["pinned"] == {"quant.act.bits": 3}
+    assert "quant.act.bits" not in record["parameters"]
+    again = space_from_record(record)  # the base already holds the pin: applied once, accepted again
+    assert again.pinned == space.pinned and again.parameters == space.parameters
+    assert again.base == space.base and again.search_base == space.search_base
+    assert again.initial_points == space.initial_points == ({"quant.act.threshold": 0.0},)
+    assert again.to_record() == space.to_record()
+    # a record written before pinning existed (no "pinned" key) rebuilds the same pins
+    del record["pinned"]
+    assert space_from_record(record).pinned == {"quant.act.bits": 3}
+    record["pinned"] = {"quant.act.bits": 4}
+    with pytest.raises(SearchSpaceError, match="pinned"):
+        space_from_record(record)
+
+
+def test_pin_on_the_digits_space():
+    space = load_space(REPO / "search_spaces" / "digits.yaml", {"quant.act.bits": 3, "quant.weight.bits": 3})
+    assert space.pinned == {"quant.act.bits": 3, "quant.weight.bits": 3}
+    assert not {"quant.act.bits", "quant.weight.bits"} & set(space.distributions())
+    cfg = space.trial_config({})
+    assert (cfg.quant.act.bits, cfg.quant.weight.bits) == (3, 3)
+    assert (space.base.quant.act.bits, space.base.quant.weight.bits) == (3, 3)
+    assert all(not {"quant.act.bits", "quant.weight.bits"} & set(p) for p in space.initial_points)
+    assert len(space.initial_points) == 2  # the two shipped points still differ in their other values
+    with pytest.raises(SearchSpaceError, match=r"--set quant.weight.bits: 2 is outside .* one of \[3, 4, 5\]"):
+        load_space(REPO / "search_spaces" / "digits.yaml", {"quant.weight.bits": 2})
