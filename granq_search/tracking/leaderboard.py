@@ -5,8 +5,10 @@ metric contract of docs/ARCHITECTURE.md:
 
     trial, status, val_top1 (best validation top-1, %), val_drop (teacher val minus best val,
     points), test_top1 (test top-1 of the best-validation student), test_drop, bitops,
-    size_bits, size_kib, compression, act_scale_factors, fine_fraction, weight_bits, act_bits,
-    act_granularity, weight_granularity, threshold, range_mode, student_lr, generator_lr,
+    size_bits, size_kib, compression, act_scale_factors, fine_fraction, act_memory_bits (activation
+    storage per image), act_mem_kib, residual_bits (precision of the residual stream; 32 = float),
+    weight_bits, act_bits, act_granularity, weight_granularity, placement (act. quantizers at ReLU
+    outputs or layer inputs), threshold, range_mode, student_lr, generator_lr,
     epochs_run, failure_reason, run_id, plus ``rank`` and ``pareto``.
 
 Only finished trials (``final == 1``) are ranked and can be on the Pareto front: a pruned
@@ -47,8 +49,9 @@ FORMATS = ("table", "csv", "markdown", "json")
 
 COLUMNS = [
     "rank", "trial", "status", "pareto", "val_top1", "val_drop", "test_top1", "test_drop", "bitops",
-    "size_bits", "size_kib", "compression", "act_scale_factors", "fine_fraction", "weight_bits", "act_bits",
-    "act_granularity", "weight_granularity", "threshold", "range_mode", "student_lr", "generator_lr",
+    "size_bits", "size_kib", "compression", "act_scale_factors", "fine_fraction", "act_memory_bits", "act_mem_kib",
+    "residual_bits", "weight_bits", "act_bits", "act_granularity", "weight_granularity", "placement", "threshold",
+    "range_mode", "student_lr", "generator_lr",
     "epochs_run", "failure_reason", "run_id",
 ]
 
@@ -57,6 +60,7 @@ _PARAM_COLUMNS = {
     "act_bits": ("quant.act.bits", int),
     "act_granularity": ("quant.act.granularity", str),
     "weight_granularity": ("quant.weight.granularity", str),
+    "placement": ("quant.act.placement", str),
     "threshold": ("quant.act.threshold", float),
     "range_mode": ("quant.act.range_mode", str),
     "student_lr": ("optim.student.lr", float),
@@ -225,6 +229,9 @@ def _row(run, teacher: Mapping[str, Any], parent_open: bool) -> dict[str, Any]:
         "compression": m.get("compression", float("nan")),
         "act_scale_factors": m.get("act_scale_factors", float("nan")),
         "fine_fraction": m.get("fine_fraction", float("nan")),
+        "act_memory_bits": m.get("act_memory_bits", float("nan")),
+        "act_mem_kib": m.get("act_memory_bits", float("nan")) / 8192.0,
+        "residual_bits": m.get("residual_bits", float("nan")),
     }
     for col, (key, kind) in _PARAM_COLUMNS.items():
         row[col] = _param(p, key, kind)
@@ -311,6 +318,7 @@ def json_safe(x: Any) -> Any:
         return None
     return x
 
+_PLACE_SHORT = {"relu_output": "relu", "layer_input": "input"}
 _GRAN_SHORT = {"per_tensor": "tensor", "per_channel": "channel", "per_sample_channel": "sample_channel",
                "per_kernel": "kernel", "threshold": "threshold"}
 
@@ -347,9 +355,10 @@ def _num(x: Any, fmt: str) -> str:
 
 def _display_rows(df: pd.DataFrame, reason_width: int | None) -> tuple[list[str], list[list[str]], list[bool]]:
     headers = ["rank", "trial", "status", "front", "val top1", "val drop", "test top1", "BitOPs", "KiB",
-               "compr", "W/A bits", "act gran", "w gran", "tau", "range", "lr S", "lr G", "epochs"]
-    numeric = [True, False, False, False, True, True, True, True, True, True, False, False, False, True, False,
-               True, True, True]
+               "compr", "act KiB", "W/A bits", "place", "resid", "act gran", "w gran", "tau", "range", "lr S",
+               "lr G", "epochs"]
+    numeric = [True, False, False, False, True, True, True, True, True, True, True, False, False, True, False,
+               False, True, False, True, True, True]
     show_reason = bool(df["failure_reason"].astype(str).str.len().gt(0).any()) if len(df) else False
     if show_reason:
         headers.append("failure reason")
@@ -363,7 +372,9 @@ def _display_rows(df: pd.DataFrame, reason_width: int | None) -> tuple[list[str]
             str(r.trial), r.status, "*" if r.pareto else "",
             _num(r.val_top1, ".2f"), _num(r.val_drop, ".2f"), _num(r.test_top1, ".2f"),
             _si(r.bitops), _num(r.size_kib, ".1f"), _num(r.compression, ".1f") + ("x" if _num(r.compression, ".1f") != "-" else ""),
-            bits, _GRAN_SHORT.get(r.act_granularity, r.act_granularity or "-"),
+            _num(r.act_mem_kib, ".0f"), bits, _PLACE_SHORT.get(r.placement, r.placement or "-"),
+            "fp" if r.residual_bits == 32 else _num(r.residual_bits, ".0f"),
+            _GRAN_SHORT.get(r.act_granularity, r.act_granularity or "-"),
             _GRAN_SHORT.get(r.weight_granularity, r.weight_granularity or "-"),
             _num(r.threshold, ".2f") if r.act_granularity == "threshold" else "-",
             r.range_mode or "-", _num(r.student_lr, ".2g"), _num(r.generator_lr, ".2g"), _num(r.epochs_run, ".0f"),

@@ -36,13 +36,14 @@ DEFAULT_EXPERIMENT = "granq_search"
 
 EPOCH_METRICS = (
     "epoch", "val_top1", "val_top5", "val_loss", "val_drop", "best_val_top1", "warmup",
-    "lr_student", "lr_generator", "epoch_time_s", "g_total", "g_margin", "g_ce", "g_bns", "s_loss",
+    "lr_student", "lr_generator", "epoch_time_s", "epoch_train_time_s", "g_total", "g_margin", "g_ce", "g_bns", "s_loss",
 )
 FINAL_METRICS = (
     "final", "test_top1", "test_top5", "best_test_top1", "best_epoch", "teacher_val_top1",
     "teacher_test_top1", "val_drop", "test_drop", "ptq_val_top1", "ptq_test_top1", "epochs_run",
     "train_time_s", "latency_ms", "latency_fp_ms", "bitops", "bitops_fp", "size_bits",
-    "size_bits_fp", "compression", "act_scale_factors", "fine_fraction", "act_sites",
+    "size_bits_fp", "compression", "act_scale_factors", "fine_fraction", "act_sites", "act_memory_bits",
+    "residual_bits", "eval_time_s",
 )
 # Every numeric result key recorded in MLflow; Ray's bookkeeping (time_this_iter_s, pid,
 # timestamp, done, training_iteration, ...) is not in it.
