@@ -100,3 +100,51 @@ def test_train_bad_config_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "quant.act.bits" in err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- evaluation cost
+
+
+class _Stop(Reporter):
+    def __init__(self, after_epoch):
+        self.after = after_epoch
+
+    def on_epoch_end(self, epoch, metrics, checkpoint):
+        if epoch == self.after:
+            from granq_search.pipeline.reporter import StopTraining
+
+            raise StopTraining()
+
+
+def test_eval_epochs_validate_only_where_asked(setup):
+    cfg = with_overrides(setup.cfg, {"train.epochs": 4})
+    full = run_training(cfg, setup=setup).metrics
+    sparse = run_training(cfg, setup=setup, eval_epochs=[2], measure_ptq=False).metrics
+    assert [("val_top1" in h) for h in sparse["history"]] == [False, True, False, True]  # + the last epoch
+    # same training either way: the evaluated epochs agree with the every-epoch run
+    assert [full["history"][i]["val_top1"] for i in (1, 3)] == [sparse["history"][i]["val_top1"] for i in (1, 3)]
+    assert sparse["best_epoch"] in (2, 4) and sparse["best_val_top1"] == max(full["history"][i]["val_top1"]
+                                                                             for i in (1, 3))
+    assert sparse["val_top1"] == full["val_top1"] and sparse["test_top1"] == full["test_top1"]
+    assert "ptq_val_top1" in full and "ptq_val_top1" not in sparse
+    assert sparse["eval_time_s"] > 0 and all(h["epoch_train_time_s"] <= h["epoch_time_s"] for h in sparse["history"])
+
+
+def test_stopped_run_is_not_tested(setup):
+    m = run_training(setup.cfg, setup=setup, reporter=_Stop(1)).metrics
+    assert m["stopped_early"] is True and m["epochs_run"] == 2
+    assert "best_test_top1" not in m and "test_top1" not in m and "test_drop" not in m
+    assert math.isfinite(m["val_drop"])
+
+
+def test_teacher_metrics_from_the_caller_are_used():
+    from granq_search.pipeline.trainer import TeacherMetrics
+
+    cfg = with_overrides(load_config("digits"), TINY)
+    given = TeacherMetrics({"top1": 12.5, "top5": 50.0, "loss": 1.0}, {"top1": 25.0, "top5": 60.0, "loss": 1.0},
+                           latency_ms=3.25)
+    s = build_setup(cfg, "cpu", teacher_metrics=TeacherMetrics.from_dict(given.to_dict()))
+    assert s.teacher_val["top1"] == 12.5 and s.teacher_test["top1"] == 25.0  # not evaluated again
+    m = run_training(s.cfg, setup=s, eval_epochs=[]).metrics
+    assert m["teacher_val_top1"] == 12.5 and m["latency_fp_ms"] == 3.25
+    assert m["val_drop"] == pytest.approx(12.5 - m["best_val_top1"])

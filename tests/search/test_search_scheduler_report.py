@@ -137,3 +137,44 @@ def test_replay_finished(monkeypatch):
     assert sent == [{"epoch": 4, "val_top1": 91.0, "val_drop": 1.0, "final": 1.0, "replayed": 1.0}]
     monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "bbb"))
     assert replay_finished(found) is False and replay_finished({}) is False and len(sent) == 1
+
+
+# ---------------------------------------------------------------------------- validation epochs
+
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+def test_rungs_match_rays_asha_and_trials_validate_only_there(tmp_path):
+    from granq_search.search.scheduler import eval_epochs, rung_epochs
+
+    for name, rungs in (("digits", [2, 4]), ("cifar10_resnet20_cpu", [2, 4])):
+        space = load_space(SPACES_DIR / f"{name}.yaml")
+        assert rung_epochs(space) == rungs, name
+        sched = asha_for(space, tmp_path / f"{name}.json")
+        assert sorted(int(m) for m, _ in sched._brackets[0]._rungs) == rungs  # Ray's own milestones
+        assert eval_epochs(space) == sorted(set(rungs) | {space.asha_max_t})
+    cpu = load_space(SPACES_DIR / "cifar10_resnet20_cpu.yaml")
+    assert eval_epochs(cpu) == [2, 4, 6]
+    # a pinned warm-up moves the grace period, and so the rungs
+    pinned = load_space(SPACES_DIR / "cifar10_resnet20_cpu.yaml", {"train.warmup_epochs": 0})
+    assert rung_epochs(pinned) == [1, 2, 4]
+
+
+def test_no_scheduler_validates_every_epoch(tmp_path):
+    from granq_search.search.scheduler import eval_epochs
+
+    doc = yaml.safe_load((SPACES_DIR / "digits.yaml").read_text())
+    doc["scheduler"] = {"type": "none"}
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    assert eval_epochs(load_space(p)) is None
+
+
+def test_reports_without_validation_leave_asha_undecided(tmp_path):
+    space = load_space(SPACES_DIR / "digits.yaml")
+    sched = asha_for(space, tmp_path / "state.json")
+    trial = SimpleNamespace(trial_id="t1")
+    sched.on_trial_add(None, trial)
+    # epoch 2 is a rung, but a report without val_top1 cannot be judged: ASHA continues
+    assert sched.on_trial_result(None, trial, {"epoch": 2, "bitops": 1.0}) == TrialScheduler.CONTINUE
+    assert all("t1" not in rec for _, rec in sched._brackets[0]._rungs)

@@ -66,7 +66,17 @@ def test_exported_trial_reproduces_its_validation_accuracy(tmp_path, capsys):
         torch.set_num_threads(threads)  # train sets them for this process
     assert final["threads"] == 1  # the trial's thread count, not torch's default
     assert final["epochs_run"] == 3
-    assert abs(final["best_val_top1"] - row["val_top1"]) <= 0.5, (final["best_val_top1"], row["val_top1"])
+    # the trial validated only where ASHA decides and at its last epoch; the retrain validates
+    # every epoch: the curves agree at the trial's epochs (the goal: within 0.3 points)
+    (result,) = [p for p in (runs / "rep" / "ray").glob(f"train_trial_{prov['trial']}*/result.json")]
+    trial_curve = {r["epoch"]: r["val_top1"] for r in map(json.loads, result.read_text().splitlines())
+                   if r.get("val_top1") is not None and "epoch" in r}
+    run_curve = {r["epoch"]: r["val_top1"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
+                                                       .read_text().splitlines())}
+    assert trial_curve and set(trial_curve) <= set(run_curve) == {1, 2, 3}
+    for epoch, val in trial_curve.items():
+        assert abs(run_curve[epoch] - val) <= 0.3, (epoch, run_curve[epoch], val)
+    assert row["val_top1"] == max(trial_curve.values())
 
 
 @pytest.mark.parametrize("provenance, expected", [
