@@ -96,7 +96,9 @@ _PARAM_KEYS = {
     "int": ("type", "low", "high", "log", "step"),
     "categorical": ("type", "choices"),
 }
-_SCHED_KEYS = {"asha": ("type", "reduction_factor", "grace_period"), "none": ("type",)}
+_SCHED_KEYS = {"asha": ("type", "reduction_factor", "grace_period", "rank_by"), "none": ("type",)}
+#: Costs reported with every epoch (``EPOCH_EFFICIENCY_KEYS``), so a rung can rank on them.
+EPOCH_COSTS = ("bitops", "size_bits", "act_scale_factors", "fine_fraction")
 _SAMPLER_KEYS = {"tpe": ("type", "seed", "n_startup_trials"), "random": ("type", "seed")}
 
 
@@ -169,6 +171,13 @@ class SchedulerSpec:
     reduction_factor: float = 2.0
     grace_period: int = 1
     """Epochs of student training (after warm-up) before ASHA may stop a trial."""
+    rank_by: str = "val_top1"
+    """How a rung ranks trials: ``val_top1`` (classic ASHA) or ``pareto`` (multi-objective ASHA:
+    non-dominated sorting of validation top-1 and the cost objectives, then crowding distance),
+    so that a cheap configuration is not stopped for being less accurate than an expensive one.
+    Default: ``pareto`` when the objectives include a cost known at every epoch."""
+    costs: tuple[tuple[str, str], ...] = ()
+    """(metric, mode) of the cost objectives a ``pareto`` rung ranks on."""
 
 
 @dataclass(frozen=True)
@@ -429,7 +438,7 @@ def _parse_objectives(where: _Where, value: Any) -> tuple[Objective, ...]:
     return tuple(out)
 
 
-def _parse_scheduler(where: _Where, value: Any) -> SchedulerSpec:
+def _parse_scheduler(where: _Where, value: Any, objectives: tuple[Objective, ...] = ()) -> SchedulerSpec:
     data = _mapping(where, "scheduler", value, {"type": "asha"})
     kind = data.get("type", "asha")
     if kind not in _SCHED_KEYS:
@@ -443,7 +452,15 @@ def _parse_scheduler(where: _Where, value: Any) -> SchedulerSpec:
     grace = data.get("grace_period", 1)
     if isinstance(grace, bool) or not isinstance(grace, int) or grace < 1:
         raise where.error("scheduler.grace_period", f"needs an integer >= 1 (epochs after warm-up), got {grace!r}")
-    return SchedulerSpec(type="asha", reduction_factor=float(rf), grace_period=grace)
+    costs = tuple((o.metric, o.mode) for o in objectives if o.metric in EPOCH_COSTS)
+    rank_by = data.get("rank_by", "pareto" if costs else "val_top1")
+    if rank_by not in ("val_top1", "pareto"):
+        raise where.error("scheduler.rank_by", f"{rank_by!r}: use val_top1 or pareto")
+    if rank_by == "pareto" and not costs:
+        raise where.error("scheduler.rank_by", "pareto ranks on cost objectives reported every epoch ("
+                          f"{', '.join(EPOCH_COSTS)}); the objectives have none: use val_top1")
+    return SchedulerSpec(type="asha", reduction_factor=float(rf), grace_period=grace, rank_by=rank_by,
+                         costs=costs if rank_by == "pareto" else ())
 
 
 def _parse_sampler(where: _Where, value: Any) -> SamplerSpec:
@@ -552,7 +569,7 @@ def parse_space(data: Any, source: str, *, space_file: Path | None = None,
 
     objectives = _parse_objectives(where, data.get("objectives"))
     constraints = _parse_constraints(where, data.get("constraints"))
-    scheduler = _parse_scheduler(where, data.get("scheduler"))
+    scheduler = _parse_scheduler(where, data.get("scheduler"), objectives)
     sampler = _parse_sampler(where, data.get("sampler"))
 
     points_raw = data.get("initial_points") or []

@@ -178,3 +178,49 @@ def test_reports_without_validation_leave_asha_undecided(tmp_path):
     # epoch 2 is a rung, but a report without val_top1 cannot be judged: ASHA continues
     assert sched.on_trial_result(None, trial, {"epoch": 2, "bitops": 1.0}) == TrialScheduler.CONTINUE
     assert all("t1" not in rec for _, rec in sched._brackets[0]._rungs)
+
+
+# ---------------------------------------------------------------------------- Pareto rungs
+
+
+def test_pareto_order_fronts_then_crowding():
+    from granq_search.search.scheduler import pareto_order
+
+    # (val_top1, -bitops): a, b, c, d form the front; e is dominated by b; f by everyone
+    pts = {"a": (80.0, -9.0), "b": (78.0, -6.0), "c": (77.0, -5.0), "d": (70.0, -3.0), "e": (77.5, -6.0),
+           "f": (60.0, -9.0)}
+    order = pareto_order(pts)
+    assert set(order[:4]) == {"a", "b", "c", "d"} and order[:2] == ["a", "d"]  # the extremes first
+    assert order[4:] == ["e", "f"]
+
+
+def test_pareto_continues_keeps_cheap_points_that_accuracy_alone_would_stop():
+    from granq_search.search.scheduler import pareto_continues
+
+    recorded = {"w4": (80.0, -7.0e8), "w4b": (79.5, -7.0e8), "w5": (80.5, -9.0e8)}
+    cheap = (78.0, -4.0e8)  # below the accuracy median, but the only 3-bit point: on the front
+    assert pareto_continues(recorded, "w3", cheap, 2.0)
+    assert not pareto_continues(recorded, "w4c", (79.0, -7.0e8), 2.0)  # dominated at its own cost
+    # one cost level: the same decision as classic ASHA (top half by accuracy)
+    same = {"t1": (80.0, -1.0), "t2": (70.0, -1.0), "t3": (75.0, -1.0)}
+    assert pareto_continues(same, "t4", (76.0, -1.0), 2.0) and not pareto_continues(same, "t4", (72.0, -1.0), 2.0)
+
+
+def test_pareto_asha_in_a_search_space(tmp_path):
+    space = load_space(SPACES_DIR / "cifar10_resnet20_cpu.yaml")
+    assert space.scheduler.rank_by == "pareto" and space.scheduler.costs == (("bitops", "min"),)
+    sched = asha_for(space, tmp_path / "state.json")
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(4)]
+    for t in trials:
+        sched.on_trial_add(None, t)
+    res = lambda val, bitops: {"epoch": 2, "val_top1": val, "bitops": bitops}  # noqa: E731
+    assert sched.on_trial_result(None, trials[0], res(80.0, 7e8)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, trials[1], res(81.0, 9e8)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, trials[2], res(77.0, 4e8)) == TrialScheduler.CONTINUE  # cheapest
+    assert sched.on_trial_result(None, trials[3], res(76.0, 9e8)) == TrialScheduler.STOP  # dominated
+    # the rung records survive a restart (points, not scalars)
+    again = asha_for(space, tmp_path / "state.json")
+    again.on_trial_add(None, SimpleNamespace(trial_id="t9"))
+    assert again.on_trial_result(None, SimpleNamespace(trial_id="t9"), res(75.0, 9.5e8)) == TrialScheduler.STOP
+    # the digits space keeps classic ASHA unless asked: its objectives are val_drop and bitops
+    assert load_space(SPACES_DIR / "digits.yaml").scheduler.rank_by == "pareto"
