@@ -1,4 +1,4 @@
-"""Command-line entry: ``python tune_main.py [search|train|evaluate|leaderboard|export] ...``.
+"""Command-line entry: ``python tune_main.py [search|train|evaluate|leaderboard|export|deploy] ...``.
 
 Every user error becomes one line on stderr and exit code 2 (a traceback only with
 ``--debug``); ``--format json`` prints exactly one JSON document on stdout.
@@ -22,6 +22,7 @@ COMMANDS = {
     "evaluate": "granq_search.cli.cmd_evaluate",
     "leaderboard": "granq_search.cli.cmd_leaderboard",
     "export": "granq_search.cli.cmd_export",
+    "deploy": "granq_search.cli.cmd_deploy",
 }
 
 

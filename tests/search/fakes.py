@@ -65,17 +65,18 @@ def synthetic_trial(config, *, base_cfg, teacher_state=None, teacher_sha256=None
     reporter = RayReporter(epochs, extra={"node_id": info["node"]})
     work = Path(tempfile.mkdtemp(prefix="fake-trial-"))
     best = 0.0
+    bitops = 1.0e6 * int(config.get("quant.act.bits", 4))  # every epoch reports its costs, as the trainer does
     for epoch in range(start, epochs):
         time.sleep(delay)
         acc = accuracy(config, epoch + 1, epochs)
         best = max(best, acc)
         (work / "last.pt").write_text(json.dumps({"epoch": epoch}))
         reporter.on_epoch_end(epoch, {"epoch": epoch + 1, "val_top1": acc, "val_drop": 95.0 - acc,
-                                      "warmup": 0.0}, work / "last.pt")
+                                      "warmup": 0.0, "bitops": bitops}, work / "last.pt")
     info["t1"] = time.time()
     _mark(**info)
     drop = math.nan if float(config.get("optim.student.lr", 0.0)) > 1.0 else 95.0 - best
-    reporter.on_end({"val_drop": drop, "val_top1": best, "bitops": 1.0e6 * int(config.get("quant.act.bits", 4)),
+    reporter.on_end({"val_drop": drop, "val_top1": best, "bitops": bitops,
                      "test_top1": best, "epochs_run": epochs, "history": []})
 
 
