@@ -23,6 +23,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -171,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
                 except OSError:
                     pass
     doc["summary"] = {k: v for k, v in onnx_summary(output).items() if k != "metadata"}
+    doc["mlflow"] = _log_to_run(args.run, args.tracking_uri, output, doc)
 
     if args.format == "json":
         emit_json(doc)
@@ -236,6 +238,54 @@ def _deploy(args: argparse.Namespace, bundle, output: Path, fp_output: Path | No
     }
 
 
+def _source_run(source: str, tracking_uri: str | None) -> tuple[str, str] | None:
+    """(tracking URI, run id) of the MLflow run a student came from: a train folder's
+    ``mlflow_run.json``, ``runs:/ID/...``, or the run of ``models:/NAME/VERSION``; None if unknown."""
+    import os as _os
+
+    from granq_search.tracking.train_run import read_run_file
+
+    if Path(source).is_dir():
+        rec = read_run_file(source)
+        return (rec["tracking_uri"], rec["run_id"]) if rec else None
+    uri = tracking_uri or _os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    if source.startswith("runs:/"):
+        return uri, source[len("runs:/"):].split("/", 1)[0]
+    if source.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        name, _, version = source[len("models:/"):].partition("/")
+        if version.isdigit():
+            return uri, MlflowClient(uri, registry_uri=uri).get_model_version(name, version).run_id
+    return None
+
+
+def _log_to_run(source: str, tracking_uri: str | None, output: Path, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """Log the ONNX file and its verification to the student's MLflow run (artifact folder
+    ``onnx/``). Never fails the command: the file is written; a problem is a warning."""
+    try:
+        found = _source_run(source, tracking_uri)
+        if found is None:
+            return None
+        uri, run_id = found
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        client.log_artifact(run_id, str(output), "onnx")
+        report = {k: v for k, v in doc.items() if k not in ("sites", "layers")}
+        client.log_text(run_id, json.dumps(report, indent=2, default=str), f"onnx/{output.stem}.json")
+        if doc.get("verify"):
+            client.log_metric(run_id, "onnx_agreement", float(doc["verify"]["agreement"]))
+        client.log_metric(run_id, "onnx_bytes", float(doc["bytes"]))
+        return {"run_id": run_id, "artifact": f"onnx/{output.name}"}
+    except Exception as e:  # noqa: BLE001 - the ONNX file is written; recording it is secondary
+        print(f"warning: the ONNX file was not logged to the student's MLflow run ({type(e).__name__}: "
+              f"{' '.join(str(e).split())[:200]})", file=sys.stderr)
+        return None
+
+
 def _print_table(doc: dict[str, Any]) -> None:
     print(f"exported the {doc['which']} student of {doc['run']} ({doc['model']}) to {doc['output']}")
     print(f"  size: {_fmt_bytes(doc['bytes'])} ({doc['bytes']} bytes) vs FP ONNX {_fmt_bytes(doc['fp_bytes'])} "
@@ -258,3 +308,5 @@ def _print_table(doc: dict[str, Any]) -> None:
           f"(diff {_fmt(v['top1_diff'], '+.2f')}), max |logit diff| {v['max_abs_diff']:.3g}")
     if doc.get("teacher_val_top1") is not None:
         print(f"  FP teacher val top-1: {doc['teacher_val_top1']:.2f}%")
+    if doc.get("mlflow"):
+        print(f"  logged to MLflow run {doc['mlflow']['run_id']} as {doc['mlflow']['artifact']}")

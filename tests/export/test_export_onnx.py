@@ -3,7 +3,6 @@ round trip through ONNX Runtime, and the ``deploy`` command."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import sys
@@ -222,18 +221,12 @@ def test_missing_onnx_is_one_line_error(monkeypatch):
 # --------------------------------------------------------------------------- the deploy command
 
 
-def _train_flags():
-    from granq_search.cli import cmd_train
-
-    return ["--no-tracking"] if "no_tracking" in inspect.getsource(cmd_train) else []
-
-
 @pytest.fixture(scope="module")
 def train_run(digits, tmp_path_factory):
     run = tmp_path_factory.mktemp("train") / "run"
     rc = main(["train", "--config", "digits", "--set", "train.epochs=2", "--set", "train.warmup_epochs=1",
                "--set", "train.iters_per_epoch=5", "--output-dir", str(run), "--no-progress", "--threads", "1",
-               "--format", "json", *_train_flags()])
+               "--format", "json", "--no-tracking"])
     assert rc == 0
     return run
 
@@ -274,3 +267,21 @@ def test_deploy_errors_write_nothing(train_run, tmp_path, capsys, monkeypatch):
                  "--fp-output", str(tmp_path / "fp" / "fp.onnx")]) == 2
     assert "agree" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_deploy_logs_the_onnx_file_to_the_students_mlflow_run(digits, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = tmp_path / "run"
+    assert main(["train", "--config", "digits", "--set", "train.epochs=2", "--set", "train.warmup_epochs=1",
+                 "--set", "train.iters_per_epoch=3", "--output-dir", str(run), "--no-progress", "--threads", "1",
+                 "--tracking-uri", uri, "--format", "json"]) == 0
+    run_id = json.loads(capsys.readouterr().out)["mlflow"]["run_id"]
+    assert main(["deploy", "--run", str(run), "--output", str(tmp_path / "s.onnx"), "--threads", "1",
+                 "--max-batches", "2", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["mlflow"]["run_id"] == run_id
+    client = MlflowClient(uri)
+    assert {a.path for a in client.list_artifacts(run_id, "onnx")} == {"onnx/s.onnx", "onnx/s.json"}
+    assert client.get_run(run_id).data.metrics["onnx_agreement"] >= 99.5
