@@ -75,6 +75,26 @@ def compute_spent(trials: dict[str, dict[str, Any]], record: dict[str, Any]) -> 
     }
 
 
+def rung_agreement(trials: dict[str, dict[str, Any]], finished: set[str]) -> dict[str, Any]:
+    """How well the first rung predicted the end, on the trials that ran to the full budget:
+    Spearman correlation of epoch-2 validation top-1 with the final best, and whether the best
+    finished trial was also the best finished trial at the first rung."""
+    import pandas as pd
+
+    rows = []
+    for tid in finished:
+        vals = {int(r["epoch"]): r["val_top1"] for r in trials[tid]["reports"] if r.get("val_top1") is not None
+                and "epoch" in r}
+        if vals:
+            rows.append({"trial": tid, "first": vals[min(vals)], "best": max(vals.values())})
+    if len(rows) < 3:
+        return {"rung_spearman": None}
+    df = pd.DataFrame(rows)
+    return {"rung_spearman": float(df["first"].rank().corr(df["best"].rank())),
+            "best_was_best_at_first_rung": bool(df.loc[df["best"].idxmax(), "trial"] ==
+                                                df.loc[df["first"].idxmax(), "trial"])}
+
+
 def matches(config: dict[str, Any], point: dict[str, Any]) -> bool:
     return all(k in config and (config[k] == v or (isinstance(v, float) and math.isclose(config[k], v, rel_tol=1e-9)))
                for k, v in point.items())
@@ -174,7 +194,8 @@ def main() -> None:
         }
         stopped = entry["counts"].get("pruned", 0)
         entry["asha"] = {"stopped_early": stopped, "finished": len(finished),
-                         "stopped_fraction": stopped / max(1, stopped + len(finished))}
+                         "stopped_fraction": stopped / max(1, stopped + len(finished)),
+                         **rung_agreement(trials, set(finished["trial"]))}
         if len(finished):
             best = finished.iloc[0]
             entry["best"] = {"trial": best["trial"], **_row_dict(best, trials[best["trial"]]),
@@ -219,7 +240,8 @@ def main() -> None:
             md += [f"Pinned with `--set`: {', '.join(f'`{k}={v}`' for k, v in entry['pinned'].items())}.", ""]
         md += [f"Trials: {c['trials']} ({', '.join(f'{n} {s}' for s, n in entry['counts'].items())}); "
                f"ASHA stopped {stopped} of {stopped + len(finished)} ({100 * entry['asha']['stopped_fraction']:.0f}%) "
-               f"early. Compute: {c['trial_epochs']} trial-epochs, {c['trial_cpu_hours']:.2f} CPU-hours in trials, "
+               f"early (rank correlation of first-rung and final validation top-1 among finished trials: "
+               f"{fmt(entry['asha'].get('rung_spearman'))}). Compute: {c['trial_epochs']} trial-epochs, {c['trial_cpu_hours']:.2f} CPU-hours in trials, "
                f"{c['wall_hours']:.2f} h wall. Time outside training iterations: "
                f"{100 * (c['outside_training_fraction_mean'] or 0):.1f}% of a trial's wall time on average, "
                f"{100 * (c['outside_training_fraction_full_budget_mean'] or 0):.1f}% for trials run to the full "
