@@ -182,6 +182,9 @@ def main() -> None:
         sdir = out / name
         record = json.loads((sdir / "search.json").read_text())
         trials = ray_trials(sdir)
+        pinned = record["space"].get("pinned") or {}
+        for t in trials.values():  # pinned parameters are not in a trial's config: they are fixed
+            t["config"] = {**pinned, **t["config"]}
         board = load_runs(uri, name)
         df = board.df
         finished = df[df["status"] == "finished"]
@@ -192,8 +195,14 @@ def main() -> None:
             "leaderboard": json.loads(format_leaderboard(board, "json", all_trials=True))["trials"],
             "initial_points": initial_point_rows(trials, record, df),
         }
-        stopped = entry["counts"].get("pruned", 0)
-        entry["asha"] = {"stopped_early": stopped, "finished": len(finished),
+        # ASHA's own count (scheduler_state.json) includes the trials it ended at max_t; MLflow's
+        # "pruned" also holds trials an interrupted driver closed, which ASHA never judged
+        state = json.loads((sdir / "scheduler_state.json").read_text())
+        max_t = int(state["max_t"])
+        reached = sum(1 for t in trials.values() if any(int(r.get("epoch", 0) or 0) >= max_t for r in t["reports"]))
+        stopped = int(state["num_stopped"]) - reached
+        interrupted = entry["counts"].get("pruned", 0) - stopped
+        entry["asha"] = {"stopped_early": stopped, "finished": len(finished), "interrupted": interrupted,
                          "stopped_fraction": stopped / max(1, stopped + len(finished)),
                          **rung_agreement(trials, set(finished["trial"]))}
         if len(finished):
@@ -239,8 +248,9 @@ def main() -> None:
         if entry["pinned"]:
             md += [f"Pinned with `--set`: {', '.join(f'`{k}={v}`' for k, v in entry['pinned'].items())}.", ""]
         md += [f"Trials: {c['trials']} ({', '.join(f'{n} {s}' for s, n in entry['counts'].items())}); "
-               f"ASHA stopped {stopped} of {stopped + len(finished)} ({100 * entry['asha']['stopped_fraction']:.0f}%) "
-               f"early (rank correlation of first-rung and final validation top-1 among finished trials: "
+               f"ASHA stopped {stopped} of the {stopped + len(finished)} trials it judged "
+               f"({100 * entry['asha']['stopped_fraction']:.0f}%) early; {interrupted} trial(s) shown as pruned were "
+               "closed by the interrupted driver, not by ASHA (they continue with --resume) (rank correlation of first-rung and final validation top-1 among finished trials: "
                f"{fmt(entry['asha'].get('rung_spearman'))}). Compute: {c['trial_epochs']} trial-epochs, {c['trial_cpu_hours']:.2f} CPU-hours in trials, "
                f"{c['wall_hours']:.2f} h wall. Time outside training iterations: "
                f"{100 * (c['outside_training_fraction_mean'] or 0):.1f}% of a trial's wall time on average, "
