@@ -23,16 +23,10 @@ def efficiency_of(cfg: ExperimentConfig) -> dict[str, float]:
     """Scalar efficiency figures of ``cfg``'s quantized student (bitops, size_bits, ...)."""
     import torch
 
-    from granq_search.models import create_model, model_info
-    from granq_search.pipeline.trainer import resolve_config
-    from granq_search.quant import calibrate, efficiency, needs_calibration, prepare
+    from granq_search.pipeline.student_io import build_student
+    from granq_search.quant import calibrate, efficiency, needs_calibration
 
-    cfg = resolve_config(cfg)
-    info = model_info(cfg.model.name, cfg.model.num_classes)
-    size = int(cfg.model.image_size)
-    shape = (1, info.in_channels, size, size)
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes).eval()
-    student = prepare(model, cfg.quant, example_input=torch.zeros(shape))
+    student, shape = build_student(cfg)
     if needs_calibration(student):
         noise = torch.Generator().manual_seed(0)
         calibrate(student, [torch.randn((8, *shape[1:]), generator=noise) for _ in range(2)])
