@@ -241,14 +241,12 @@ def _deploy(args: argparse.Namespace, bundle, output: Path, fp_output: Path | No
 def _source_run(source: str, tracking_uri: str | None) -> tuple[str, str] | None:
     """(tracking URI, run id) of the MLflow run a student came from: a train folder's
     ``mlflow_run.json``, ``runs:/ID/...``, or the run of ``models:/NAME/VERSION``; None if unknown."""
-    import os as _os
-
     from granq_search.tracking.train_run import read_run_file
 
     if Path(source).is_dir():
         rec = read_run_file(source)
         return (rec["tracking_uri"], rec["run_id"]) if rec else None
-    uri = tracking_uri or _os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return None
     if source.startswith("runs:/"):

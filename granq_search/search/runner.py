@@ -245,7 +245,7 @@ def _measure_teacher(cfg: ExperimentConfig, teacher_state: Mapping[str, Any], te
     measured once here and handed to every trial instead of being measured in each."""
     import torch
 
-    from granq_search.pipeline.trainer import build_setup, latency_shape, measure_latency
+    from granq_search.pipeline.trainer import TeacherMetrics, build_setup, latency_shape, measure_latency
 
     setup = build_setup(cfg, "cpu", teacher_state=teacher_state, teacher_sha256=teacher_sha)
     latency = None
@@ -256,7 +256,7 @@ def _measure_teacher(cfg: ExperimentConfig, teacher_state: Mapping[str, Any], te
             latency = measure_latency(setup.teacher, latency_shape(setup.cfg, setup.in_channels), setup.device)
         finally:
             torch.set_num_threads(before)
-    return {"val": setup.teacher_val, "test": setup.teacher_test, "latency_ms": latency}
+    return TeacherMetrics(setup.teacher_val, setup.teacher_test, latency).to_dict()
 
 
 def _pareto(study, space: SearchSpace) -> list[dict[str, Any]]:
