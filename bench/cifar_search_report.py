@@ -211,7 +211,7 @@ def main() -> None:
                              "config": trials[best["trial"]]["config"]}
         by_bits = {}
         for _, r in finished.iterrows():
-            tag = f"W{int(r['weight_bits'])}A{int(r['act_bits'])}"
+            tag = f"W{int(r['quant.weight.bits'])}A{int(r['quant.act.bits'])}"
             if tag not in by_bits:  # finished rows are ranked: the first is the best
                 by_bits[tag] = {"trial": r["trial"], **_row_dict(r, trials[r["trial"]])}
         entry["best_by_bits"] = by_bits

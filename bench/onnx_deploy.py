@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from granq_search.config import DataConfig, ModelConfig, QuantConfig, from_dict
     from granq_search.data import build_eval_data
-    from granq_search.export.onnx_export import export_float_onnx, export_onnx, onnx_summary, verify_onnx
+    from granq_search.export.onnx_export import export_float_onnx, export_onnx, onnx_summary
+    from granq_search.export.onnx_verify import verify_onnx
     from granq_search.models import build_teacher
     from granq_search.quant import prepare
 

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._doc import DOCS, write_section  # noqa: E402
 from granq_search.config import load_config, with_overrides  # noqa: E402
-from granq_search.pipeline.trainer import build_setup, resolve_config, run_training  # noqa: E402
+from granq_search.pipeline.build import resolve_config  # noqa: E402
+from granq_search.pipeline.trainer import build_setup, run_training  # noqa: E402
 
 SHARED = (ROOT.parent / "shared").resolve()
 RUNS = DOCS / "qat_cifar_runs.jsonl"

@@ -4,8 +4,13 @@ One :class:`ExperimentConfig` flows everywhere: the search proposes values by th
 path (``quant.act.bits``), each trial rebuilds and validates the full config, MLflow params
 and the leaderboard use the same names, and export writes the same config for production.
 
-Machine settings (device, output directory, tracking URI, Ray address) are *not* part of it;
-they live in :class:`Runtime` so an exported config carries no machine's paths.
+Machine settings (device, threads, output directory, tracking URI, Ray address) are *not* part
+of it: they are command-line flags and arguments of the Python API, so an exported config
+carries no machine's settings.
+
+Your own model and data are named by import path (``MODULE:CALLABLE``, see
+:mod:`granq_search.user_code`): ``model.name: mymodels:small_cnn``, ``data.dataset:
+mydata:build``; the syntax is checked here, the import happens when the model or data is built.
 
 Strictness: an unknown key names the closest valid one; a value out of range names the field,
 the value and what is allowed. ``from_dict(to_dict(cfg)) == cfg`` holds for every config.
@@ -26,6 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from granq_search.errors import ConfigError
+from granq_search.user_code import IMPORT_PATH, is_import_path
 
 __all__ = [
     "ActQuantConfig",
@@ -41,7 +47,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "ExperimentConfig",
-    "Runtime",
+    "BUILTIN_DATASETS",
     "CONFIG_VERSION",
     "from_dict",
     "to_dict",
@@ -192,11 +198,22 @@ class QuantConfig(_Section):
 
 # --------------------------------------------------------------------------- model and data
 
+BUILTIN_DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "imagenet")
+"""``data.dataset`` values built into granq_search (any other value is an import path)."""
+
+
+def _import_path_syntax(value: str, name: str) -> None:
+    """A value with a colon must be a well-formed import path ``MODULE:CALLABLE``."""
+    if is_import_path(value):
+        _require(IMPORT_PATH.match(value) is not None, name,
+                 f"{value!r} is not an import path; write MODULE:CALLABLE, for example mymodels:small_cnn")
+
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
     name: str = "digits_cnn"
-    """Registry name (``python tune_main.py evaluate --list-models``)."""
+    """A built-in model (``granq-search evaluate --list-models``), or your own factory by import
+    path ``MODULE:FACTORY`` (decorated with ``granq_search.models.model_factory``)."""
     num_classes: int = 10
     checkpoint: str | None = None
     """Local checkpoint file; None: the registry's source (pretrained download when online,
@@ -210,6 +227,7 @@ class ModelConfig(_Section):
 
     def _validate(self) -> None:
         _require(bool(self.name), "name", "a model name is required")
+        _import_path_syntax(self.name, "name")
         _require(self.num_classes >= 2, "num_classes", f"{self.num_classes} must be >= 2")
         if self.std is not None:
             _require(all(s > 0 for s in self.std), "std", "every std must be > 0")
@@ -219,9 +237,12 @@ class ModelConfig(_Section):
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
+    dataset: str = "digits"
+    """A built-in dataset (:data:`BUILTIN_DATASETS`), or your own data factory by import path
+    ``MODULE:FACTORY`` (contract: :mod:`granq_search.data.custom`)."""
     root: str | None = None
-    """Data directory (CIFAR root, image folder, ImageNet val folder); unused for digits."""
+    """Data directory (CIFAR root, image folder, ImageNet val folder; passed to your own data
+    factory as ``root``); unused for digits."""
     download: bool = False
     """Download CIFAR when missing (needs network)."""
     val_fraction: float = 0.5
@@ -234,6 +255,11 @@ class DataConfig(_Section):
     num_workers: int = 0
 
     def _validate(self) -> None:
+        if not is_import_path(self.dataset):
+            allowed = ", ".join(repr(d) for d in BUILTIN_DATASETS)
+            _require(self.dataset in BUILTIN_DATASETS, "dataset",
+                     f"{self.dataset!r} is not allowed; choose one of {allowed}, or MODULE:FACTORY for your own data")
+        _import_path_syntax(self.dataset, "dataset")
         _require(0.0 < self.val_fraction < 1.0, "val_fraction", f"{self.val_fraction} must be in (0, 1)")
         _require(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
         _require(self.num_workers >= 0, "num_workers", f"{self.num_workers} must be >= 0")
@@ -368,16 +394,6 @@ class ExperimentConfig(_Section):
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Machine settings, kept apart from the experiment."""
-
-    device: str = "auto"
-    output_dir: str = "runs"
-    num_threads: int | None = None
-    progress: bool = True
-
-
 # --------------------------------------------------------------------------- strict load / dump
 
 
@@ -460,9 +476,10 @@ def _from_mapping(cls: type, data: Any, prefix: str) -> Any:
         raise
 
 
-def from_dict(data: Mapping[str, Any] | None, cls: type = ExperimentConfig) -> Any:
-    """Build a config section from plain data, strictly (see module docstring)."""
-    return _from_mapping(cls, data, "")
+def from_dict(data: Mapping[str, Any] | None, cls: type = ExperimentConfig, *, prefix: str = "") -> Any:
+    """Build a config section from plain data, strictly (see module docstring). ``prefix``: the
+    section's dotted path for error messages (``"quant."`` for a :class:`QuantConfig`)."""
+    return _from_mapping(cls, data, prefix)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -22,6 +22,14 @@ def _granq_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_mlflow_env(monkeypatch):
+    """A developer's MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME must not redirect the tests' records;
+    tests that need them set them with monkeypatch."""
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(key, raising=False)
+
+
 @pytest.fixture(scope="session")
 def shared():
     root = shared_root()

@@ -1,7 +1,7 @@
 """``deploy``: a trained student -> a deployable ONNX file, checked against PyTorch.
 
-    python tune_main.py deploy --run runs/train/digits-... --output student.onnx
-    python tune_main.py deploy --run RUN_DIR --output s.onnx --which final --fp-output teacher_fp.onnx
+    granq-search deploy --run runs/train/digits-... --output student.onnx
+    granq-search deploy --run RUN_DIR --output s.onnx --which final --fp-output teacher_fp.onnx
 
 The student of a ``train`` run (``config.yaml`` + ``student_<which>.pt``; with an MLflow build
 that has MLflow model loading in ``student_io``, also a model URI such as ``models:/NAME/1``) is written as
@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from granq_search import metrics as M
 from granq_search.cli.common import add_format_flag, emit_json, set_threads
 from granq_search.errors import GranqError
 
@@ -183,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace, bundle, output: Path, fp_output: Path | None, opset: int,
             pending: list[tuple[Path, Path]], scratch: Path) -> dict[str, Any]:
-    from granq_search.export.onnx_export import export_float_onnx, export_onnx, onnx_summary, verify_onnx
+    from granq_search.export.onnx_export import export_float_onnx, export_onnx, onnx_summary
+    from granq_search.export.onnx_verify import verify_onnx
 
     q_tmp = _tmp_next_to(output)
     pending.append((q_tmp, output))
@@ -232,7 +234,7 @@ def _deploy(args: argparse.Namespace, bundle, output: Path, fp_output: Path | No
         "fp_output": str(fp_output) if fp_output is not None else None,
         "size_ratio": fp_bytes / q_bytes if q_bytes else None,
         "verify": verify,
-        "teacher_val_top1": setup.teacher_val.get("top1") if setup is not None else None,
+        M.TEACHER_VAL_TOP1: setup.teacher_val.get("top1") if setup is not None else None,
         "sites": json.loads(meta.get("granq.sites", "[]")),
         "layers": json.loads(meta.get("granq.layers", "[]")),
     }
@@ -241,7 +243,7 @@ def _deploy(args: argparse.Namespace, bundle, output: Path, fp_output: Path | No
 def _source_run(source: str, tracking_uri: str | None) -> tuple[str, str] | None:
     """(tracking URI, run id) of the MLflow run a student came from: a train folder's
     ``mlflow_run.json``, ``runs:/ID/...``, or the run of ``models:/NAME/VERSION``; None if unknown."""
-    from granq_search.tracking.train_run import read_run_file
+    from granq_search.tracking.train_target import read_run_file
 
     if Path(source).is_dir():
         rec = read_run_file(source)
@@ -275,8 +277,8 @@ def _log_to_run(source: str, tracking_uri: str | None, output: Path, doc: dict[s
         report = {k: v for k, v in doc.items() if k not in ("sites", "layers")}
         client.log_text(run_id, json.dumps(report, indent=2, default=str), f"onnx/{output.stem}.json")
         if doc.get("verify"):
-            client.log_metric(run_id, "onnx_agreement", float(doc["verify"]["agreement"]))
-        client.log_metric(run_id, "onnx_bytes", float(doc["bytes"]))
+            client.log_metric(run_id, M.ONNX_AGREEMENT, float(doc["verify"]["agreement"]))
+        client.log_metric(run_id, M.ONNX_BYTES, float(doc["bytes"]))
         return {"run_id": run_id, "artifact": f"onnx/{output.name}"}
     except Exception as e:  # noqa: BLE001 - the ONNX file is written; recording it is secondary
         print(f"warning: the ONNX file was not logged to the student's MLflow run ({type(e).__name__}: "
@@ -304,7 +306,7 @@ def _print_table(doc: dict[str, Any]) -> None:
     print(f"  verified with ONNX Runtime on {v['n']} validation images: top-1 agreement {v['agreement']:.2f}%, "
           f"top-1 ONNX {_fmt(v['onnx_top1'], '.2f')}% vs PyTorch {_fmt(v['torch_top1'], '.2f')}% "
           f"(diff {_fmt(v['top1_diff'], '+.2f')}), max |logit diff| {v['max_abs_diff']:.3g}")
-    if doc.get("teacher_val_top1") is not None:
-        print(f"  FP teacher val top-1: {doc['teacher_val_top1']:.2f}%")
+    if doc.get(M.TEACHER_VAL_TOP1) is not None:
+        print(f"  FP teacher val top-1: {doc[M.TEACHER_VAL_TOP1]:.2f}%")
     if doc.get("mlflow"):
         print(f"  logged to MLflow run {doc['mlflow']['run_id']} as {doc['mlflow']['artifact']}")

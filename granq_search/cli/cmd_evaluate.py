@@ -1,9 +1,9 @@
 """``evaluate``: accuracy of a teacher and, optionally, of its post-training quantized student.
 
-    python tune_main.py evaluate --model resnet20 \\
+    granq-search evaluate --model resnet20 \\
         --checkpoint ../shared/models/resnet20_cifar10_optionA.th \\
         --data imagefolder --data-root ../shared/data/cifar10/test --split all
-    python tune_main.py evaluate --quant --w-bits 4 --a-bits 4 --act-granularity per_sample_channel
+    granq-search evaluate --quant --w-bits 4 --a-bits 4 --act-granularity per_sample_channel
 
 Honest protocol: the labelled data is split once (``data.split_seed``) into validation and
 test; calibration of static ranges or of the granularity threshold uses the first
@@ -15,11 +15,11 @@ The flags are shorthands for dotted config overrides (``--w-bits 3`` is
 from __future__ import annotations
 
 import argparse
-import copy
 from typing import Any
 
 import torch
 
+from granq_search import metrics as M
 from granq_search.cli.common import add_config_flags, add_format_flag, add_runtime_flags, emit_json, set_threads
 from granq_search.config import (
     ExperimentConfig,
@@ -29,7 +29,6 @@ from granq_search.config import (
     to_dict,
     with_overrides,
 )
-from granq_search.errors import GranqError
 
 __all__ = ["add_parser", "run", "FLAG_PATHS"]
 
@@ -154,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     quant_doc: dict[str, Any] | None = None
     q: dict[str, dict[str, float]] | None = None
     if _quant_requested(args):
-        student, calibrated, eff = _quantize(teacher.model, cfg, data.val, info, device)
+        student, calibrated, eff = _quantize(teacher.model, cfg, data.val, device)
         q = measure(student)
         quant_doc = {"config": to_dict(cfg.quant), "calibrated_on": calibrated, "efficiency": eff}
 
@@ -175,29 +174,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize(model: torch.nn.Module, cfg: ExperimentConfig, val_loader, info, device: torch.device):
-    try:
-        from granq_search.quant import calibrate, efficiency, needs_calibration, prepare
-    except ImportError as e:  # pragma: no cover - only while the package is incomplete
-        raise GranqError(f"the quantization package is not available ({e}); evaluate without --quant") from None
-    shape = (1, info.in_channels, info.image_size, info.image_size)
-    student = prepare(copy.deepcopy(model), cfg.quant, example_input=torch.zeros(shape, device=device))
-    student = student.to(device).eval()
-    calibrated = None
-    if needs_calibration(student):
+def _quantize(model: torch.nn.Module, cfg: ExperimentConfig, val_loader, device: torch.device):
+    """The post-training student of the teacher ``model``, calibrated (where it needs it) on the
+    first ``quant.calib_batches`` validation batches; what it was calibrated on; its efficiency."""
+    from granq_search.pipeline.build import build_student, calibrate_student, efficiency_figures
+
+    student, shape = build_student(cfg, device, float_model=model)
+
+    def val_batches() -> list[torch.Tensor]:
         batches = []
         for x, _ in val_loader:
             batches.append(x.to(device))
             if len(batches) >= cfg.quant.calib_batches:
                 break
-        calibrate(student, batches)
+        return batches
+
+    batches = calibrate_student(student, val_batches)
+    calibrated = None
+    if batches is not None:
         calibrated = {"split": "val", "batches": len(batches), "images": int(sum(b.shape[0] for b in batches))}
-    eff = efficiency(student, shape)
-    return student, calibrated, {k: v for k, v in eff.items() if _scalar(v)}
-
-
-def _scalar(v: Any) -> bool:
-    return isinstance(v, (int, float, str, bool)) or v is None or (isinstance(v, torch.Tensor) and v.numel() == 1)
+    return student, calibrated, efficiency_figures(student, shape)
 
 
 def _split_doc(fp: dict[str, float], q: dict[str, float] | None) -> dict[str, Any]:
@@ -263,17 +259,17 @@ def _print_table(doc: dict[str, Any]) -> None:
     if qd is not None and qd["efficiency"]:
         e = qd["efficiency"]
         parts = []
-        if "bitops" in e:
-            fp = f" of {_fmt_big(float(e['bitops_fp']))} FP" if "bitops_fp" in e else ""
-            parts.append(f"bitops {_fmt_big(float(e['bitops']))}{fp}")
-        if "size_bits" in e:
-            fp = f" of {float(e['size_bits_fp']) / 8e3:.1f} kB FP" if "size_bits_fp" in e else ""
-            parts.append(f"size {float(e['size_bits']) / 8e3:.1f} kB{fp}")
-        if "compression" in e:
-            parts.append(f"compression {float(e['compression']):.2f}x")
-        if "act_scale_factors" in e:
-            parts.append(f"activation scale factors {_fmt_big(float(e['act_scale_factors']))}")
-        if "fine_fraction" in e:
-            parts.append(f"fine-grained sites {100 * float(e['fine_fraction']):.0f}%")
+        if M.BITOPS in e:
+            fp = f" of {_fmt_big(float(e[M.BITOPS_FP]))} FP" if M.BITOPS_FP in e else ""
+            parts.append(f"bitops {_fmt_big(float(e[M.BITOPS]))}{fp}")
+        if M.SIZE_BITS in e:
+            fp = f" of {float(e[M.SIZE_BITS_FP]) / 8e3:.1f} kB FP" if M.SIZE_BITS_FP in e else ""
+            parts.append(f"size {float(e[M.SIZE_BITS]) / 8e3:.1f} kB{fp}")
+        if M.COMPRESSION in e:
+            parts.append(f"compression {float(e[M.COMPRESSION]):.2f}x")
+        if M.ACT_SCALE_FACTORS in e:
+            parts.append(f"activation scale factors {_fmt_big(float(e[M.ACT_SCALE_FACTORS]))}")
+        if M.FINE_FRACTION in e:
+            parts.append(f"fine-grained sites {100 * float(e[M.FINE_FRACTION]):.0f}%")
         print()
         print("efficiency: " + ", ".join(parts))

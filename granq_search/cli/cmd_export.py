@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from granq_search.cli.cmd_leaderboard import add_store_flags, open_store
+from granq_search.cli.cmd_leaderboard import add_store_flags, note_store, open_store, store_errors
 from granq_search.cli.common import emit_json
 
 
@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Pick a trial of a search (default --best) and write its exact resolved "
                        "config, with the search's reduced fidelity (epochs, iterations, samples) set back to "
                        "the production values, --set overrides applied and a provenance block. Train it with "
-                       "`python tune_main.py train --config FILE`.")
+                       "`granq-search train --config FILE`.")
     add_store_flags(p)
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--trial", default=None, metavar="ID", help="this trial (id, run id, or a unique suffix)")
@@ -55,14 +55,16 @@ def run(args: argparse.Namespace) -> int:
     if args.max_drop is not None and not (math.isfinite(args.max_drop) and args.max_drop >= 0):
         raise GranqError(f"--max-drop must be a number of points >= 0, got {args.max_drop}")
     overrides = parse_set_args(args.set)
-    uri = open_store(args)
-    plan = plan_export(uri, args.search, _rule(args), trial=args.trial, max_drop=args.max_drop,
-                       overrides=overrides, production=not args.search_budget)
+    store = open_store(args)
+    with store_errors(store):
+        plan = plan_export(store.tracking_uri, args.search, _rule(args), trial=args.trial, max_drop=args.max_drop,
+                           overrides=overrides, production=not args.search_budget, experiment=store.experiment)
+    note_store(store)
     output = Path(args.output) if args.output else Path(args.output_dir) / plan.board.search / "best.yaml"
     path = write_export(plan, output)
     prov = plan.provenance
     if args.format == "json":
-        emit_json({"output": str(path), **prov, "train_command": f"python tune_main.py train --config {path}"})
+        emit_json({"output": str(path), **prov, "train_command": f"granq-search train --config {path}"})
         return 0
     m = prov["metrics"]
     print(f"exported trial {prov['trial']} of search '{prov['search']}' ({prov['rule']}) to {path}")
@@ -76,5 +78,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  budget: {prov['budget']}")
     if prov.get("overrides"):
         print("  overrides: " + ", ".join(f"{k}={v}" for k, v in prov["overrides"].items()))
-    print(f"train it: python tune_main.py train --config {path}")
+    print(f"train it: granq-search train --config {path}")
     return 0

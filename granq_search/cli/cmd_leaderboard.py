@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from granq_search.errors import GranqError
+from granq_search.errors import GranqError, TrackingError
+from granq_search.tracking.schema import DEFAULT_EXPERIMENT
+
+if TYPE_CHECKING:  # pragma: no cover
+    from granq_search.tracking.uri import TrackingStore
 
 DEFAULT_OUTPUT_DIR = "runs/search"
 
@@ -17,7 +23,11 @@ def add_store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
                    help=f"the searches' folder; its mlflow.db is the default store (default: {DEFAULT_OUTPUT_DIR})")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="MLflow store: sqlite:///PATH or http(s)://HOST:PORT (default: sqlite:///DIR/mlflow.db)")
+                   help="MLflow store: sqlite:///PATH or http(s)://HOST:PORT (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///DIR/mlflow.db)")
+    p.add_argument("--experiment", default=None, metavar="NAME",
+                   help=f"MLflow experiment of the searches (default: $MLFLOW_EXPERIMENT_NAME, else "
+                   f"{DEFAULT_EXPERIMENT})")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,13 +52,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "or ped-anova (what the best 10%% of trials share)")
 
 
-def open_store(args: argparse.Namespace) -> str:
-    """The tracking URI of ``args``; an existing store (reading never creates one)."""
-    from granq_search.tracking.uri import require_existing_store, resolve_tracking_uri
+def _from_env(store: TrackingStore) -> list[str]:
+    from granq_search.tracking.uri import ENV_EXPERIMENT, ENV_TRACKING_URI
 
-    uri = resolve_tracking_uri(args.tracking_uri, Path(args.output_dir))
-    require_existing_store(uri, args.output_dir)
-    return uri
+    return [v for v in (ENV_TRACKING_URI, ENV_EXPERIMENT) if v in (store.uri_source, store.experiment_source)]
+
+
+@contextlib.contextmanager
+def store_errors(store: TrackingStore) -> Iterator[None]:
+    """A TrackingError while reading ``store`` names the environment variables that chose it."""
+    try:
+        yield
+    except TrackingError as e:
+        env = _from_env(store)
+        if not env:
+            raise
+        raise TrackingError(f"{e} (chosen by ${' and $'.join(env)}; unset it or pass "
+                            "--tracking-uri/--experiment)") from None
+
+
+def open_store(args: argparse.Namespace) -> TrackingStore:
+    """The store and experiment of ``args`` (flags, else MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME,
+    else the defaults); an existing store (reading never creates one)."""
+    from granq_search.tracking.uri import require_existing_store, resolve_store
+
+    store = resolve_store(args.tracking_uri, getattr(args, "experiment", None), Path(args.output_dir))
+    with store_errors(store):
+        require_existing_store(store.tracking_uri, args.output_dir)
+    return store
+
+
+def note_store(store: TrackingStore) -> None:
+    """Say on stderr which store was read when the environment chose it (no flag says so)."""
+    if _from_env(store):
+        print(f"read {store.describe()}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--plot", args.plot), ("--importance-plot", args.importance_plot)):
         if value is not None and not str(value).lower().endswith(".png"):
             raise GranqError(f"{flag} {value}: give a .png file name")
-    uri = open_store(args)
-    board = load_runs(uri, args.search)
+    store = open_store(args)
+    with store_errors(store):
+        board = load_runs(store.tracking_uri, args.search, experiment=store.experiment)
+    note_store(store)
     text = format_leaderboard(board, args.format, top=args.top, all_trials=args.all)
     notes = sys.stderr if args.format != "table" else sys.stdout
     if args.importance or args.importance_plot:

@@ -1,6 +1,6 @@
 """``search`` (the default command): a Ray Tune + Optuna search recorded in MLflow.
 
-``python tune_main.py`` runs the embedded default: ``search_spaces/digits.yaml``, 8 trials, 2 at a
+``granq-search`` runs the embedded default: ``search_spaces/digits.yaml``, 8 trials, 2 at a
 time, on this machine. Everything a user can get wrong is checked before Ray starts.
 """
 
@@ -44,11 +44,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-path", default=None, metavar="P",
                    help="Ray results on shared storage for clusters (NFS path, s3://, gs://); default DIR/NAME/ray")
     p.add_argument("--tracking-uri", default=None, metavar="U",
-                   help="MLflow store: sqlite:///PATH or http://HOST:PORT (default: sqlite:///DIR/mlflow.db)")
+                   help="MLflow store: sqlite:///PATH or http://HOST:PORT (default: $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///DIR/mlflow.db; a resumed search keeps its store)")
+    p.add_argument("--experiment", default=None, metavar="NAME",
+                   help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else granq_search; a resumed search "
+                   "keeps its experiment)")
     p.add_argument("--resume", action="store_true",
                    help="continue search NAME: finished trials are kept, interrupted ones restart from their last "
                    "epoch checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no Ray progress table")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start Ray's dashboard with the local Ray (needs pip install 'ray[default]'; costs memory); "
+                   "a line on stderr names its address")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no live status table of the trials (on stderr, every 15 s; also off with --format json)")
     add_format_flag(p)
 
 
@@ -73,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
             args.space, name=args.name, output_dir=args.output_dir, num_samples=args.num_samples,
             max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
             gpus_per_trial=args.gpus_per_trial, address=args.address, storage_path=args.storage_path,
-            tracking_uri=args.tracking_uri, resume=args.resume, set_overrides=overrides,
-            progress=not (args.no_progress or json_out),
+            tracking_uri=args.tracking_uri, experiment=args.experiment, resume=args.resume, set_overrides=overrides,
+            progress=not (args.no_progress or json_out), dashboard=args.dashboard,
         )
     for note in outcome.notes:
         print(f"warning: {' '.join(note.split())}", file=sys.stderr)
@@ -93,12 +101,16 @@ def run(args: argparse.Namespace) -> int:
         print()
         if outcome.best_config:
             print(f"best config: {outcome.best_config}")
-            print(f"train it at full budget: python tune_main.py train --config {outcome.best_config}")
+            print(f"train it at full budget: granq-search train --config {outcome.best_config}")
+        if outcome.tracking_uri:
+            print(f"MLflow: {outcome.tracking_uri}, experiment '{outcome.experiment}'")
         uri_flag = f" --tracking-uri {redact_uri(outcome.tracking_uri)}" if args.tracking_uri else ""
-        print(f"search folder: {outcome.path}  (leaderboard: python tune_main.py leaderboard "
+        if args.experiment:
+            uri_flag += f" --experiment {outcome.experiment}"
+        print(f"search folder: {outcome.path}  (leaderboard: granq-search leaderboard "
               f"--output-dir {args.output_dir} --search {outcome.name}{uri_flag})")
     if outcome.status == "interrupted":
-        print(f"error: search {outcome.name} was interrupted; continue it with: python tune_main.py search "
+        print(f"error: search {outcome.name} was interrupted; continue it with: granq-search search "
               f"--resume --name {outcome.name} --output-dir {args.output_dir}", file=sys.stderr)
         return 130
     return 0

@@ -17,11 +17,11 @@ from granq_search.cli.common import (
     add_runtime_flags,
     config_from_args,
     emit_json,
-    json_safe,
     set_threads,
 )
 from granq_search.config import dump_config, read_yaml, split_document
 from granq_search.errors import GranqError
+from granq_search.jsonutil import json_safe
 from granq_search.pipeline.reporter import CompositeReporter, Reporter
 from granq_search.pipeline.terminal import TerminalReporter
 
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                          "choose another --output-dir")
     target = None
     if not args.no_tracking:  # an unusable store fails here, before anything is trained or created
-        from granq_search.tracking.train_run import resolve_target
+        from granq_search.tracking.train_target import resolve_target
 
         target = resolve_target(args.tracking_uri, args.experiment, args.config, out, resume=args.resume)
     elif args.register_as:

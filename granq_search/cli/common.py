@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from granq_search.config import ExperimentConfig, load_config, parse_set_args
 from granq_search.errors import GranqError
+from granq_search.jsonutil import json_safe
 
 __all__ = ["add_config_flags", "add_runtime_flags", "add_format_flag", "config_from_args", "emit_json",
-           "json_safe", "set_threads"]
+           "set_threads"]
 
 
 def add_config_flags(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
@@ -46,20 +44,6 @@ def set_threads(n: int | None) -> None:
     if n < 1:
         raise GranqError(f"--threads must be >= 1, got {n}")
     torch.set_num_threads(n)
-
-
-def json_safe(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "item") and callable(x.item):
-        return json_safe(x.item())
-    return x
 
 
 def emit_json(doc: Any) -> None:

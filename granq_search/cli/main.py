@@ -1,4 +1,5 @@
-"""Command-line entry: ``python tune_main.py [search|train|evaluate|leaderboard|export|deploy] ...``.
+"""Command-line entry: ``granq-search [search|train|evaluate|leaderboard|export|deploy|searches] ...``
+(``python tune_main.py ...`` in a source checkout is the same command).
 
 Every user error becomes one line on stderr and exit code 2 (a traceback only with
 ``--debug``); ``--format json`` prints exactly one JSON document on stdout.
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 from granq_search.errors import GranqError
 
-__all__ = ["main", "build_parser", "UsageError"]
+__all__ = ["main", "build_parser", "package_version", "UsageError"]
 
 COMMANDS = {
     "search": "granq_search.cli.cmd_search",
@@ -23,6 +24,7 @@ COMMANDS = {
     "leaderboard": "granq_search.cli.cmd_leaderboard",
     "export": "granq_search.cli.cmd_export",
     "deploy": "granq_search.cli.cmd_deploy",
+    "searches": "granq_search.cli.cmd_searches",
 }
 
 
@@ -35,13 +37,26 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}; see '{self.prog} --help'")
 
 
+def package_version() -> str:
+    """The installed distribution's version; ``granq_search.__version__`` when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("granq_search")
+    except PackageNotFoundError:
+        import granq_search
+
+        return granq_search.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="tune_main.py",
+        prog="granq-search",
         description="GranQ zero-shot quantization: search (Ray Tune + Optuna), record (MLflow), "
         "leaderboard, export and production training.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"granq-search {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module in COMMANDS.items():
         importlib.import_module(module).add_parser(sub)
@@ -51,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _normalise(argv: list[str]) -> list[str]:
     """``search`` is the default command, also when only flags are given."""
     rest = [a for a in argv if a != "--debug"]
-    if not rest or (rest[0].startswith("-") and rest[0] not in ("-h", "--help")):
+    if not rest or (rest[0].startswith("-") and rest[0] not in ("-h", "--help", "--version")):
         debug = ["--debug"] if "--debug" in argv else []
         return debug + ["search"] + rest
     return argv

@@ -11,7 +11,8 @@ Datasets:
 - ``cifar10`` / ``cifar100``: the torchvision test split under ``data.root``;
 - ``imagefolder``: one sub-folder per class (alphabetical order = label order);
 - ``imagenet``: an ImageFolder of the ImageNet validation set, Resize(256) + CenterCrop(224)
-  (scaled to the model's image size).
+  (scaled to the model's image size);
+- ``MODULE:FACTORY``: your own data (contract: :mod:`granq_search.data.custom`), split the same way.
 
 Transforms: ToTensor and Normalize(mean, std) with the teacher's statistics (plus a resize
 for image folders whose images are not at the model's size). Small images are decoded once
@@ -37,8 +38,10 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from granq_search.config import DataConfig
+from granq_search.data.custom import build_custom_data
 from granq_search.data.digits import DIGITS_LEVELS, digits_eval_part
 from granq_search.errors import DataError
+from granq_search.user_code import is_import_path
 
 __all__ = ["EvalData", "ImageTensorDataset", "build_eval_data", "split_indices", "default_data_root"]
 
@@ -109,6 +112,12 @@ def default_data_root() -> Path:
 def build_eval_data(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[float], image_size: int,
                     num_classes: int) -> EvalData:
     """Validation and test loaders for ``cfg.dataset`` normalised with the teacher's mean/std."""
+    if is_import_path(cfg.dataset):
+        if len(mean) != len(std):
+            raise DataError(f"mean {tuple(mean)} and std {tuple(std)} must have one value per channel each")
+        val, test, meta = build_custom_data(cfg, mean=tuple(mean), std=tuple(std), image_size=int(image_size),
+                                            num_classes=int(num_classes))
+        return EvalData(val=val, test=test, num_classes=int(num_classes), meta=meta)
     if len(mean) != len(std) or len(mean) not in (1, 3):
         raise DataError(f"mean {tuple(mean)} and std {tuple(std)} must both have 1 or 3 values")
     builders: dict[str, Callable[..., EvalData]] = {

@@ -241,6 +241,7 @@ def plan_export(tracking_uri: str, search: str | None = None, rule: str = "best"
         "exported_with": {"package_version": package_version(), "git_commit": git_commit()},
         "exported_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "tracking_uri": board.tracking_uri,
+        "experiment": board.experiment,
     })
     return ExportPlan(cfg=cfg, provenance=provenance, row=row, board=board, replaced=replaced)
 
@@ -266,7 +267,7 @@ def export_config(tracking_uri: str, search: str | None = None, rule: str = "bes
                   experiment: str = DEFAULT_EXPERIMENT) -> Path:
     """Select a trial of ``search`` by ``rule`` and write its production config to ``output``.
 
-    ``python tune_main.py train --config OUTPUT`` then trains it. Nothing is written on error.
+    ``granq-search train --config OUTPUT`` then trains it. Nothing is written on error.
     """
     plan = plan_export(tracking_uri, search, rule, trial=trial, max_drop=max_drop, overrides=overrides,
                        production=production, experiment=experiment)

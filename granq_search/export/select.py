@@ -133,7 +133,7 @@ def select_trial(df: pd.DataFrame, rule: str = "best", *, trial: str | None = No
         raise TrackingError("the search has no trials to export")
     if name == "trial":
         if not trial:
-            raise TrackingError("--trial needs a trial id (see `python tune_main.py leaderboard --all`)")
+            raise TrackingError("--trial needs a trial id (see `granq-search leaderboard --all`)")
         return _by_id(df, trial)
     if name == "best":
         return _best(df, objectives)

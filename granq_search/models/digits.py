@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from granq_search.models.registry import register_model
+from granq_search.models.spec import ModelEntry, model_entry
 
-__all__ = ["DigitsCNN", "TinyTest", "DIGITS_MEAN", "DIGITS_STD", "DIGITS_RECIPE", "train_digits_model"]
+__all__ = ["DigitsCNN", "TinyTest", "DIGITS_MEAN", "DIGITS_STD", "DIGITS_RECIPE", "MODELS", "train_digits_model"]
 
 # Mean and std of all 1,797 sklearn digits images scaled to [0, 1] (pixel / 16), computed once:
 #   x = load_digits().images / 16; x.mean() = 0.30526, x.std() = 0.37605
@@ -80,15 +80,15 @@ class TinyTest(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-register_model(
-    "digits_cnn", num_classes=10, image_size=8, in_channels=1, mean=DIGITS_MEAN, std=DIGITS_STD,
-    dataset="digits", description="small CNN for sklearn 8x8 digits; trained on the spot when no checkpoint",
-)(lambda num_classes: DigitsCNN(num_classes))
-
-register_model(
-    "tiny_test", num_classes=10, image_size=8, in_channels=1, mean=DIGITS_MEAN, std=DIGITS_STD,
-    dataset="digits", description="smallest test model (BN, a ReLU called twice, F.relu, 1x1 conv)",
-)(lambda num_classes: TinyTest(num_classes))
+MODELS: tuple[ModelEntry, ...] = (
+    model_entry("digits_cnn", DigitsCNN, num_classes=10, image_size=8, in_channels=1, mean=DIGITS_MEAN,
+                std=DIGITS_STD, dataset="digits",
+                description="small CNN for sklearn 8x8 digits; trained on the spot when no checkpoint"),
+    model_entry("tiny_test", TinyTest, num_classes=10, image_size=8, in_channels=1, mean=DIGITS_MEAN,
+                std=DIGITS_STD, dataset="digits",
+                description="smallest test model (BN, a ReLU called twice, F.relu, 1x1 conv)"),
+)
+"""The registry's entries for this module (collected by :mod:`granq_search.models.registry`)."""
 
 
 # --------------------------------------------------------------------------- on-the-spot training

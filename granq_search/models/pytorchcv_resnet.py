@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from granq_search.errors import CheckpointError, ModelError
-from granq_search.models.registry import register_model
+from granq_search.models.spec import ModelEntry, model_entry
 
-__all__ = ["PytorchcvCifarResNet", "ConvBlock", "ResUnit", "pytorchcv_resnet20"]
+__all__ = ["PytorchcvCifarResNet", "ConvBlock", "ResUnit", "pytorchcv_resnet20", "MODELS"]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -132,14 +132,14 @@ def _from_pytorchcv(zoo_name: str, default_classes: int):
     return load
 
 
-register_model(
-    "resnet20_cifar10", num_classes=10, image_size=32, in_channels=3, mean=CIFAR_MEAN, std=CIFAR_STD,
-    dataset="cifar10", description="ResNet-20, pytorchcv layout (projection shortcuts), CIFAR-10",
-    pretrained=_from_pytorchcv("resnet20_cifar10", 10),
-)(pytorchcv_resnet20)
-
-register_model(
-    "resnet20_cifar100", num_classes=100, image_size=32, in_channels=3, mean=CIFAR_MEAN, std=CIFAR_STD,
-    dataset="cifar100", description="ResNet-20, pytorchcv layout (projection shortcuts), CIFAR-100",
-    pretrained=_from_pytorchcv("resnet20_cifar100", 100),
-)(pytorchcv_resnet20)
+MODELS: tuple[ModelEntry, ...] = (
+    model_entry("resnet20_cifar10", pytorchcv_resnet20, num_classes=10, image_size=32, in_channels=3,
+                mean=CIFAR_MEAN, std=CIFAR_STD, dataset="cifar10",
+                description="ResNet-20, pytorchcv layout (projection shortcuts), CIFAR-10",
+                pretrained=_from_pytorchcv("resnet20_cifar10", 10)),
+    model_entry("resnet20_cifar100", pytorchcv_resnet20, num_classes=100, image_size=32, in_channels=3,
+                mean=CIFAR_MEAN, std=CIFAR_STD, dataset="cifar100",
+                description="ResNet-20, pytorchcv layout (projection shortcuts), CIFAR-100",
+                pretrained=_from_pytorchcv("resnet20_cifar100", 100)),
+)
+"""The registry's entries for this module (collected by :mod:`granq_search.models.registry`)."""

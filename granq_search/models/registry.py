@@ -1,116 +1,91 @@
-"""A timm-style registry of teacher architectures.
+"""The model registry: built-in entries by name, your own factories by import path.
 
-Each entry is a factory ``f(num_classes) -> nn.Module`` (random initialisation) plus the facts
-a pipeline needs about its inputs (:class:`ModelInfo`): image size, channels, the normalisation
-the published weights were trained with, and the dataset they belong to. Entries may also name
-a loader of published weights (``pretrained=``); :func:`granq_search.models.build_teacher`
-decides where weights come from.
+``model.name`` is either a built-in name (``granq-search evaluate --list-models``) or an import
+path ``MODULE:FACTORY`` naming a factory decorated with
+:func:`granq_search.models.spec.model_factory` (see :mod:`granq_search.user_code` for where the
+module is looked up). Every function here takes either form.
 
-    @register_model("my_net", num_classes=10, image_size=32, in_channels=3,
-                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), dataset="cifar10",
-                    description="...")
-    def my_net(num_classes: int) -> nn.Module: ...
+The table of built-in entries is built once, when this module is imported, from the ``MODELS``
+tuple of each model module (:data:`MODEL_MODULES`); the model modules never import this one, and
+the table is read-only afterwards, so every process (Ray workers included) sees the same entries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType, ModuleType
 
 from torch import nn
 
-from granq_search.errors import ModelError
+from granq_search.errors import ConfigError, ModelError
+from granq_search.models import digits, pytorchcv_resnet, resnet_cifar, torchvision_models
+from granq_search.models.spec import ModelEntry, ModelInfo, PretrainedLoader, declared_entry
+from granq_search.user_code import accepts_keyword, is_import_path, resolve_callable
 
 __all__ = [
     "ModelInfo",
-    "register_model",
+    "ModelEntry",
+    "MODEL_MODULES",
     "create_model",
     "list_models",
     "model_info",
+    "model_entry_for",
     "pretrained_loader",
     "is_registered",
 ]
 
-Factory = Callable[[int], nn.Module]
-PretrainedLoader = Callable[[int], nn.Module]
-"""``loader(num_classes) -> nn.Module`` with published weights; raises ModelError offline."""
+MODEL_MODULES: tuple[ModuleType, ...] = (digits, resnet_cifar, pytorchcv_resnet, torchvision_models)
+"""The modules whose ``MODELS`` make up the built-in table."""
+
+_FIELD = "model.name"
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a pipeline needs to know about a registered model's inputs and outputs."""
-
-    name: str
-    num_classes: int
-    image_size: int
-    """Side of the square input image in pixels."""
-    in_channels: int
-    mean: tuple[float, ...]
-    """Per-channel normalisation mean the weights were trained with (after scaling to [0, 1])."""
-    std: tuple[float, ...]
-    dataset: str
-    """The dataset the published weights belong to (``digits``, ``cifar10``, ``imagenet``, ...)."""
-    description: str
+def _build_table(modules: Iterable[ModuleType]) -> Mapping[str, ModelEntry]:
+    table: dict[str, ModelEntry] = {}
+    for module in modules:
+        for entry in module.MODELS:
+            name = entry.info.name
+            if name in table:
+                raise ValueError(f"model '{name}' is declared twice (in {module.__name__})")
+            table[name] = entry
+    return MappingProxyType(table)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    factory: Factory
-    info: ModelInfo
-    pretrained: PretrainedLoader | None
+_TABLE: Mapping[str, ModelEntry] = _build_table(MODEL_MODULES)
 
 
-# One module-level table filled at import time by the decorators below; it is never mutated
-# afterwards, so Ray worker processes that import the package all see the same entries.
-_REGISTRY: dict[str, _Entry] = {}
+def _own_entry(spec: str) -> ModelEntry:
+    factory = resolve_callable(spec, field=_FIELD)
+    entry = declared_entry(spec, factory)
+    if entry is not None and not accepts_keyword(factory, "num_classes"):
+        raise ConfigError(f"'{spec}' must take the keyword argument num_classes (the head size); add it",
+                          field=_FIELD)
+    if entry is None:
+        raise ConfigError(f"'{spec}' does not declare its inputs; decorate it with @granq_search.models.model_factory("
+                          "num_classes=..., image_size=..., in_channels=..., mean=..., std=...)", field=_FIELD)
+    return entry
 
 
-def register_model(
-    name: str,
-    *,
-    num_classes: int,
-    image_size: int,
-    in_channels: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    dataset: str,
-    description: str,
-    pretrained: PretrainedLoader | None = None,
-) -> Callable[[Factory], Factory]:
-    """Decorator registering ``factory(num_classes) -> nn.Module`` under ``name``."""
-    if len(mean) != in_channels or len(std) != in_channels:
-        raise ValueError(f"{name}: mean/std need {in_channels} values")
+def model_entry_for(name: str) -> ModelEntry:
+    """The entry of a built-in name or of an import path ``MODULE:FACTORY``.
 
-    def deco(factory: Factory) -> Factory:
-        if name in _REGISTRY:
-            raise ValueError(f"model '{name}' is registered twice")
-        info = ModelInfo(name, num_classes, image_size, in_channels, tuple(mean), tuple(std),
-                         dataset, description)
-        _REGISTRY[name] = _Entry(factory, info, pretrained)
-        return factory
-
-    return deco
-
-
-def _ensure_loaded() -> None:
-    # The entries live in sibling modules; importing them registers them.
-    from granq_search.models import digits, pytorchcv_resnet, resnet_cifar, torchvision_models  # noqa: F401
-
-
-def _entry(name: str) -> _Entry:
-    _ensure_loaded()
-    entry = _REGISTRY.get(name)
+    Raises :class:`ModelError` for an unknown name (with the closest built-in one) and
+    :class:`ConfigError` for an import path that cannot be used."""
+    if is_import_path(name):
+        return _own_entry(name)
+    entry = _TABLE.get(name)
     if entry is None:
         # Compare case-insensitively, ignoring '-' and '_', so 'ResNet-20' suggests 'resnet20'.
         # A name that extends the query ('resnet2' -> 'resnet20') wins over edit distance.
-        norm = {_normalise(k): k for k in sorted(_REGISTRY)}
+        norm = {_normalise(k): k for k in sorted(_TABLE)}
         query = _normalise(name)
         longer = sorted((k for k in norm if query and k.startswith(query)), key=len)
         close = longer[:1] or difflib.get_close_matches(query, list(norm), n=1, cutoff=0.4)
         tip = f"did you mean '{norm[close[0]]}'? " if close else ""
-        raise ModelError(f"unknown model '{name}'; {tip}(list: python tune_main.py evaluate --list-models)")
+        raise ModelError(f"unknown model '{name}'; {tip}(list: granq-search evaluate --list-models; "
+                         "your own model: MODULE:FACTORY)")
     return entry
 
 
@@ -119,19 +94,19 @@ def _normalise(name: str) -> str:
 
 
 def is_registered(name: str) -> bool:
-    _ensure_loaded()
-    return name in _REGISTRY
+    """True for a built-in model name."""
+    return name in _TABLE
 
 
 def list_models() -> list[str]:
-    """Registered model names, sorted."""
-    _ensure_loaded()
-    return sorted(_REGISTRY)
+    """Built-in model names, sorted."""
+    return sorted(_TABLE)
 
 
 def model_info(name: str, num_classes: int | None = None) -> ModelInfo:
-    """The registry's facts for ``name``; ``num_classes`` replaces the default head size."""
-    info = _entry(name).info
+    """The facts of ``name`` (built-in or ``MODULE:FACTORY``); ``num_classes`` replaces the
+    default head size."""
+    info = model_entry_for(name).info
     if num_classes is not None:
         info = dataclasses.replace(info, num_classes=_check_classes(name, num_classes))
     return info
@@ -139,17 +114,21 @@ def model_info(name: str, num_classes: int | None = None) -> ModelInfo:
 
 def create_model(name: str, num_classes: int | None = None) -> nn.Module:
     """A randomly initialised instance of ``name`` (weights: see ``build_teacher``)."""
-    entry = _entry(name)
+    entry = model_entry_for(name)
     n = entry.info.num_classes if num_classes is None else _check_classes(name, num_classes)
-    return entry.factory(n)
+    model = entry.factory(num_classes=n)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model '{name}': the factory returned a {type(model).__name__}, not a torch.nn.Module; "
+                         "return the network")
+    return model
 
 
 def pretrained_loader(name: str) -> PretrainedLoader | None:
     """The entry's published-weights loader, or None when it has none."""
-    return _entry(name).pretrained
+    return model_entry_for(name).pretrained
 
 
 def _check_classes(name: str, num_classes: int) -> int:
-    if not isinstance(num_classes, int) or num_classes < 2:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ModelError(f"model '{name}': num_classes must be an integer >= 2, got {num_classes!r}")
     return num_classes

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from granq_search.models.registry import register_model
+from granq_search.models.spec import ModelEntry, model_entry
 
-__all__ = ["CifarResNet", "BasicBlock", "PadShortcut", "resnet_cifar"]
+__all__ = ["CifarResNet", "BasicBlock", "PadShortcut", "resnet_cifar", "MODELS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,9 +100,10 @@ def resnet_cifar(depth: int, num_classes: int = 10) -> CifarResNet:
     return CifarResNet(depth, num_classes)
 
 
-def _register(depth: int) -> None:
-    register_model(
+def _entry(depth: int) -> ModelEntry:
+    return model_entry(
         f"resnet{depth}",
+        lambda num_classes: resnet_cifar(depth, num_classes),
         num_classes=10,
         image_size=32,
         in_channels=3,
@@ -111,8 +112,8 @@ def _register(depth: int) -> None:
         dataset="cifar10",
         description=f"CIFAR ResNet-{depth}, option-A shortcuts (He et al. 2016); "
         "ImageNet mean/std like the shared checkpoint",
-    )(lambda num_classes: resnet_cifar(depth, num_classes))
+    )
 
 
-for _depth in (20, 32, 44, 56, 110):
-    _register(_depth)
+MODELS: tuple[ModelEntry, ...] = tuple(_entry(depth) for depth in (20, 32, 44, 56, 110))
+"""The registry's entries for this module (collected by :mod:`granq_search.models.registry`)."""

@@ -29,7 +29,8 @@ from torch import nn
 from granq_search.config import ModelConfig
 from granq_search.errors import CheckpointError, ModelError
 from granq_search.models.checkpoint import load_checkpoint
-from granq_search.models.registry import ModelInfo, create_model, model_info, pretrained_loader
+from granq_search.models.registry import create_model, model_info, pretrained_loader
+from granq_search.models.spec import ModelInfo
 
 __all__ = ["Teacher", "build_teacher", "teacher_info", "default_cache_dir", "trained_digits_teacher"]
 

@@ -15,12 +15,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from granq_search.errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_training_checkpoint", "rng_state", "set_rng_state", "LAST"]
+__all__ = ["save_checkpoint", "load_training_checkpoint", "save_training_state", "restore_training_state",
+           "rng_state", "set_rng_state", "has_checkpoint", "LAST"]
 
 LAST = "last.pt"
+
+
+def has_checkpoint(checkpoint_dir: str | Path | None) -> bool:
+    """True when ``checkpoint_dir`` holds a training checkpoint (``last.pt``)."""
+    return checkpoint_dir is not None and (Path(checkpoint_dir) / LAST).is_file()
 
 
 def rng_state(sampler: torch.Generator) -> dict[str, Any]:
@@ -86,3 +93,38 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or "epoch" not in payload or "student" not in payload:
         raise CheckpointError(f"'{path}' is not a granq_search training checkpoint; delete it to start over")
     return payload
+
+
+def save_training_state(path: Path, *, epoch: int, student: nn.Module, generator: nn.Module,
+                        opt_student: torch.optim.Optimizer, opt_generator: torch.optim.Optimizer,
+                        sampler: torch.Generator, history: list[dict[str, Any]], best: dict[str, Any],
+                        best_student: dict[str, torch.Tensor] | None, ptq: dict[str, float],
+                        config: dict[str, Any]) -> Path:
+    """The checkpoint of the trainer after ``epoch`` (0-based), written with :func:`save_checkpoint`."""
+    return save_checkpoint(path, {
+        "epoch": epoch,
+        "student": student.state_dict(),
+        "generator": generator.state_dict(),
+        "opt_student": opt_student.state_dict(),
+        "opt_generator": opt_generator.state_dict(),
+        "rng": rng_state(sampler),
+        "history": history,
+        "best": best,
+        "best_student": best_student,
+        "ptq": ptq,
+        "config": config,
+    })
+
+
+def restore_training_state(path: Path, *, student: nn.Module, generator: nn.Module,
+                           opt_student: torch.optim.Optimizer, opt_generator: torch.optim.Optimizer,
+                           sampler: torch.Generator) -> dict[str, Any]:
+    """Load the networks, optimizers and RNG states of a :func:`save_training_state` checkpoint;
+    returns the whole checkpoint (epoch, history, best, best_student, ptq)."""
+    state = load_training_checkpoint(path)
+    student.load_state_dict(state["student"])
+    generator.load_state_dict(state["generator"])
+    opt_student.load_state_dict(state["opt_student"])
+    opt_generator.load_state_dict(state["opt_generator"])
+    set_rng_state(state["rng"], sampler)
+    return state

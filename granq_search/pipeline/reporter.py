@@ -1,6 +1,8 @@
 """The small interface through which the trainer reports; it imports neither Ray nor MLflow.
 
-The terminal, the Ray Tune trainable and tests each implement :class:`Reporter`.
+The terminal, the Ray Tune trainable, the MLflow record of ``train`` and tests each implement
+:class:`Reporter`. The metric keys it passes are the names of :mod:`granq_search.metrics`
+(``Kind.EPOCH`` / ``Kind.EVAL`` metrics per epoch, those with ``final=True`` at the end).
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ class Reporter:
     """Callbacks of one training run; every method is optional."""
 
     def on_start(self, info: Mapping[str, Any]) -> None:
-        """Once, before the first epoch: resolved config (flat), teacher accuracy, efficiency."""
+        """Once, before the first epoch: resolved config (flat), teacher accuracy
+        (``teacher_val_top1``, ``teacher_test_top1``), efficiency, the ``ptq_*`` figures."""
 
     def on_iteration(self, epoch: int, iteration: int, losses: Mapping[str, float]) -> None:
-        """After each training iteration (cheap: must not block)."""
+        """After each training iteration (cheap: must not block); ``losses``: ``metrics.EPOCH_LOSSES``."""
 
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, float], checkpoint: Path | None) -> None:
-        """After each epoch's validation; ``checkpoint`` is the epoch's checkpoint file if written.
+        """After each epoch's validation, with the epoch's metrics (``metrics.EPOCH_METRICS``; the
+        ``eval`` ones only after a validating epoch); ``checkpoint`` is the epoch's checkpoint
+        file if written.
 
         May raise :class:`StopTraining` to stop the run after this epoch.
         """

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import bisect
 import math
+from typing import TYPE_CHECKING
 
 from granq_search.config import OptimConfig, TrainConfig
 
-__all__ = ["lr_factor"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["lr_factor", "set_lr"]
 
 
 def lr_factor(optim: OptimConfig, train: TrainConfig, epoch: int, iteration: int, *, student: bool) -> float:
@@ -30,3 +34,11 @@ def lr_factor(optim: OptimConfig, train: TrainConfig, epoch: int, iteration: int
     done = (epoch - start) * train.iters_per_epoch + iteration
     progress = min(max(done / span, 0.0), 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(opt: torch.optim.Optimizer, base: float, factor: float) -> float:
+    """Set every parameter group of ``opt`` to ``base * factor``; returns that learning rate."""
+    lr = base * factor
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr

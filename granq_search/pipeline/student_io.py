@@ -2,9 +2,10 @@
 
 ``train`` writes ``config.yaml`` (the resolved config) and ``student_best.pt`` /
 ``student_final.pt`` (state dicts of the prepared student, activation-quantizer buffers
-included: static ranges, threshold decisions). :func:`build_student` rebuilds the same
-architecture from the config alone (the float model from the registry, then ``prepare``, no
-teacher checkpoint needed) and :func:`load_student_dir` loads the weights into it.
+included: static ranges, threshold decisions).
+:func:`granq_search.pipeline.build.build_student` rebuilds the same architecture from the config
+alone (the float model from the registry, then ``prepare``, no teacher checkpoint needed) and
+:func:`load_student_dir` loads the weights into it.
 
 The MLflow model ``student`` that ``train`` logs carries the same two files (``extra_files``);
 :func:`load_student_uri` downloads them from a model URI (``models:/NAME/VERSION``,
@@ -24,9 +25,9 @@ from torch import nn
 
 from granq_search.config import ExperimentConfig, load_config
 from granq_search.errors import CheckpointError, GranqError
+from granq_search.pipeline.build import build_student
 
-__all__ = ["build_student", "load_student", "load_student_dir", "load_student_uri", "StudentBundle",
-           "STUDENT_FILES"]
+__all__ = ["load_student", "load_student_dir", "load_student_uri", "StudentBundle", "STUDENT_FILES"]
 
 STUDENT_FILES = {"best": "student_best.pt", "final": "student_final.pt"}
 """Which student of a train run: the best-validation epoch's (the reported one) or the last."""
@@ -40,22 +41,6 @@ class StudentBundle:
     cfg: ExperimentConfig
     source: str
     in_shape: tuple[int, int, int, int]
-
-
-def build_student(cfg: ExperimentConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, tuple[int, ...]]:
-    """The untrained quantized student of ``cfg`` (weights to be loaded) and its input shape
-    ``(1, C, H, W)``. The float model comes from the model registry without its checkpoint."""
-    from granq_search.models import create_model, model_info
-    from granq_search.pipeline.trainer import resolve_config
-    from granq_search.quant import prepare
-
-    cfg = resolve_config(cfg)
-    info = model_info(cfg.model.name, cfg.model.num_classes)
-    size = int(cfg.model.image_size)
-    in_shape = (1, info.in_channels, size, size)
-    float_model = create_model(cfg.model.name, num_classes=cfg.model.num_classes).eval()
-    student = prepare(float_model, cfg.quant, example_input=torch.zeros(in_shape))
-    return student.to(device).eval(), in_shape
 
 
 def load_student_dir(run_dir: str | Path, *, which: str = "best",
@@ -106,7 +91,7 @@ def load_student_uri(model_uri: str, *, device: str | torch.device = "cpu", trac
     """
     import tempfile
 
-    from granq_search.tracking.train_run import download_student_files
+    from granq_search.tracking.train_model import download_student_files
 
     with tempfile.TemporaryDirectory(prefix="granq_student_") as tmp:
         cfg_path, weights = download_student_files(model_uri, tmp, tracking_uri=tracking_uri,

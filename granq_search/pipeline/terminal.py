@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from granq_search import metrics as M
 from granq_search.pipeline.reporter import Reporter
 
 __all__ = ["TerminalReporter", "summary_rows", "format_table"]
@@ -26,21 +27,21 @@ def _pct(x: Any) -> str:
 
 
 def summary_rows(final: Mapping[str, Any]) -> list[tuple[str, str]]:
+    v = final
     rows = [
-        ("teacher val / test top-1", f"{_pct(final['teacher_val_top1'])} / {_pct(final['teacher_test_top1'])}"),
+        ("teacher val / test top-1", f"{_pct(v[M.TEACHER_VAL_TOP1])} / {_pct(v[M.TEACHER_TEST_TOP1])}"),
     ]
-    if "ptq_val_top1" in final:
-        rows.append(("post-training val / test", f"{_pct(final['ptq_val_top1'])} / {_pct(final['ptq_test_top1'])}"))
+    if M.PTQ_VAL_TOP1 in v:
+        rows.append(("post-training val / test", f"{_pct(v[M.PTQ_VAL_TOP1])} / {_pct(v[M.PTQ_TEST_TOP1])}"))
     rows += [
-        ("final student val / test", f"{_pct(final['val_top1'])} / {_pct(final['test_top1'])}"),
-        (f"best-val student (epoch {final['best_epoch']})",
-         f"{_pct(final['best_val_top1'])} / {_pct(final['best_test_top1'])}"),
-        ("drop vs FP (val / test)", f"{final['val_drop']:+.2f} / {final['test_drop']:+.2f} points"),
-        ("bit-operations", f"{final['bitops']:.4g} ({final['bitops_fp'] / max(final['bitops'], 1):.1f}x fewer than FP)"),
-        ("size", f"{final['size_bits'] / 8 / 1024:.1f} KiB ({final['compression']:.2f}x smaller than FP)"),
-        ("activation scales / image", f"{final['act_scale_factors']} (fine sites {100 * final['fine_fraction']:.0f} %)"),
-        ("latency (batch, ms)", f"{final['latency_ms']:.2f} quantized, {final['latency_fp_ms']:.2f} FP"),
-        ("epochs run / time", f"{final['epochs_run']} / {final['train_time_s']:.1f} s"),
+        ("final student val / test", f"{_pct(v[M.VAL_TOP1])} / {_pct(v[M.TEST_TOP1])}"),
+        (f"best-val student (epoch {v[M.BEST_EPOCH]})", f"{_pct(v[M.BEST_VAL_TOP1])} / {_pct(v[M.BEST_TEST_TOP1])}"),
+        ("drop vs FP (val / test)", f"{v[M.VAL_DROP]:+.2f} / {v[M.TEST_DROP]:+.2f} points"),
+        ("bit-operations", f"{v[M.BITOPS]:.4g} ({v[M.BITOPS_FP] / max(v[M.BITOPS], 1):.1f}x fewer than FP)"),
+        ("size", f"{v[M.SIZE_BITS] / 8 / 1024:.1f} KiB ({v[M.COMPRESSION]:.2f}x smaller than FP)"),
+        ("activation scales / image", f"{v[M.ACT_SCALE_FACTORS]} (fine sites {100 * v[M.FINE_FRACTION]:.0f} %)"),
+        ("latency (batch, ms)", f"{v[M.LATENCY_MS]:.2f} quantized, {v[M.LATENCY_FP_MS]:.2f} FP"),
+        ("epochs run / time", f"{v[M.EPOCHS_RUN]} / {v[M.TRAIN_TIME_S]:.1f} s"),
     ]
     return rows
 
@@ -59,8 +60,8 @@ class TerminalReporter(Reporter):
         return self._stream if self._stream is not None else sys.stderr  # looked up late: may be replaced
 
     def on_start(self, info):
-        print(f"teacher: val top-1 {info['teacher_val_top1']:.2f} %, test top-1 {info['teacher_test_top1']:.2f} %"
-              + (f"; post-training student val {info['ptq_val_top1']:.2f} %" if "ptq_val_top1" in info else "")
+        print(f"teacher: val top-1 {info[M.TEACHER_VAL_TOP1]:.2f} %, test top-1 {info[M.TEACHER_TEST_TOP1]:.2f} %"
+              + (f"; post-training student val {info[M.PTQ_VAL_TOP1]:.2f} %" if M.PTQ_VAL_TOP1 in info else "")
               + (f"; resuming at epoch {info['start_epoch'] + 1}" if info.get("resumed") else ""),
               file=self.stream)
 
@@ -72,15 +73,16 @@ class TerminalReporter(Reporter):
                              leave=False, dynamic_ncols=True)
         self._bar.update(1)
         if iteration % 10 == 0:
-            self._bar.set_postfix(g=f"{losses['g_total']:.3f}")
+            self._bar.set_postfix(g=f"{losses[M.G_TOTAL]:.3f}")
 
     def on_epoch_end(self, epoch, metrics, checkpoint: Path | None):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        phase = "warm-up" if metrics["warmup"] else "QAT"
-        print(f"epoch {epoch + 1:>3}/{self.epochs} [{phase:>7}] val top-1 {metrics['val_top1']:6.2f} %  "
-              f"g_loss {metrics['g_total']:.3f}  s_loss {metrics['s_loss']:.3f}  ({metrics['epoch_time_s']:.1f} s)",
+        m = metrics
+        phase = "warm-up" if m[M.WARMUP] else "QAT"
+        print(f"epoch {epoch + 1:>3}/{self.epochs} [{phase:>7}] val top-1 {m[M.VAL_TOP1]:6.2f} %  "
+              f"g_loss {m[M.G_TOTAL]:.3f}  s_loss {m[M.S_LOSS]:.3f}  ({m[M.EPOCH_TIME_S]:.1f} s)",
               file=self.stream)
 
     def on_end(self, final):

@@ -12,53 +12,38 @@ import copy
 import math
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from granq_search import metrics as M
 from granq_search.config import ExperimentConfig, flatten
 from granq_search.errors import GranqError
-from granq_search.generator import build_generator
 from granq_search.losses import bn_stats_recorder, bns_loss, generator_loss, student_loss
-from granq_search.pipeline.checkpoint import (
-    LAST,
-    load_training_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
+from granq_search.pipeline.build import (
+    build_generator,
+    build_student,
+    calibrate_student,
+    efficiency_figures,
+    generator_optimizer,
+    resolve_config,
+    student_optimizer,
 )
+from granq_search.pipeline.checkpoint import LAST, has_checkpoint, restore_training_state, save_training_state
 from granq_search.pipeline.evaluation import evaluate, resolve_device
 from granq_search.pipeline.reporter import NullReporter, Reporter, StopTraining
-from granq_search.pipeline.schedule import lr_factor
-from granq_search.quant import calibrate, efficiency, needs_calibration, prepare, site_report
+from granq_search.pipeline.schedule import lr_factor, set_lr
+from granq_search.quant import needs_calibration, site_report
 
-__all__ = ["run_training", "TrainingDiverged", "resolve_device", "resolve_config", "Setup", "build_setup", "TrainResult",
+__all__ = ["run_training", "TrainingDiverged", "resolve_device", "Setup", "build_setup", "TrainResult",
            "measure_latency", "qat_step", "TeacherMetrics", "latency_shape"]
-
-
-EPOCH_EFFICIENCY_KEYS = ("bitops", "size_bits", "act_scale_factors", "fine_fraction")
-"""Cost figures repeated in every epoch's metrics, so early-stopped trials can be priced too."""
 
 
 class TrainingDiverged(GranqError):
     """A loss became NaN or infinite; the configuration is unusable as given."""
-
-
-def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Fill the model's normalisation and image size from the registry (recorded in the run)."""
-    from granq_search.models import model_info
-
-    info = model_info(cfg.model.name, cfg.model.num_classes)
-    model = replace(
-        cfg.model,
-        mean=cfg.model.mean if cfg.model.mean is not None else tuple(info.mean),
-        std=cfg.model.std if cfg.model.std is not None else tuple(info.std),
-        image_size=cfg.model.image_size if cfg.model.image_size is not None else info.image_size,
-    )
-    return replace(cfg, model=model)
 
 
 @dataclass
@@ -165,17 +150,6 @@ class TrainResult:
     generator: nn.Module
 
 
-def ckpt_dir_has_last(checkpoint_dir: str | Path | None) -> bool:
-    return checkpoint_dir is not None and (Path(checkpoint_dir) / LAST).is_file()
-
-
-def _set_lr(opt: torch.optim.Optimizer, base: float, factor: float) -> float:
-    lr = base * factor
-    for group in opt.param_groups:
-        group["lr"] = lr
-    return lr
-
-
 def _check_finite(value: torch.Tensor, what: str, epoch: int, iteration: int) -> None:
     if not torch.isfinite(value):
         raise TrainingDiverged(
@@ -204,8 +178,8 @@ def qat_step(teacher: nn.Module, student: nn.Module, generator: nn.Module, opt_g
     if clip is not None:
         nn.utils.clip_grad_norm_(generator.parameters(), clip)
     opt_g.step()
-    out = {k: float(parts[k]) for k in ("g_total", "g_margin", "g_ce", "g_bns")}
-    out["s_loss"] = 0.0
+    out = {k: float(parts[k]) for k in (M.G_TOTAL, M.G_MARGIN, M.G_CE, M.G_BNS)}
+    out[M.S_LOSS] = 0.0
     if train_student:
         loss_s = student_loss(z_t.detach(), student(images.detach()), cfg.loss)
         _check_finite(loss_s, "the student loss", *where)
@@ -214,12 +188,8 @@ def qat_step(teacher: nn.Module, student: nn.Module, generator: nn.Module, opt_g
         if clip is not None:
             nn.utils.clip_grad_norm_(student.parameters(), clip)
         opt_s.step()
-        out["s_loss"] = float(loss_s.detach())
+        out[M.S_LOSS] = float(loss_s.detach())
     return out
-
-
-def _student_mode(student: nn.Module, bn_mode: str) -> None:
-    student.train(bn_mode == "train")
 
 
 def run_training(
@@ -246,7 +216,7 @@ def run_training(
     ``measure_ptq``: evaluate the post-training (pre-QAT) student on validation and test.
     A run stopped early (:class:`StopTraining`) is not evaluated on the test split.
     """
-    if not resume and ckpt_dir_has_last(checkpoint_dir):
+    if not resume and has_checkpoint(checkpoint_dir):
         raise GranqError(f"'{checkpoint_dir}' already holds a training checkpoint; pass --resume to "
                          "continue it or choose another output directory")
     reporter = reporter or NullReporter()
@@ -257,46 +227,38 @@ def run_training(
         raise ValueError("run_training: setup was built for another model/data config")
     dev, teacher = setup.device, setup.teacher
     tc = cfg.train
-    num_classes, size, chans = cfg.model.num_classes, int(cfg.model.image_size), setup.in_channels
-    in_shape = (1, chans, size, size)
+    num_classes = cfg.model.num_classes
 
     torch.manual_seed(tc.seed)
     sampler = torch.Generator().manual_seed(tc.seed)
-    student = prepare(teacher, cfg.quant, example_input=torch.zeros(in_shape, device=dev)).to(dev)
+    student, in_shape = build_student(cfg, dev, float_model=teacher)
     for p in student.parameters():
         p.requires_grad_(True)
-    generator = build_generator(cfg.generator, num_classes=num_classes, image_size=size, channels=chans).to(dev)
-    opt_s = torch.optim.SGD(student.parameters(), lr=cfg.optim.student.lr, momentum=cfg.optim.student.momentum,
-                            weight_decay=cfg.optim.student.weight_decay, nesterov=cfg.optim.student.nesterov)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.generator.lr,
-                             betas=(cfg.optim.generator.beta1, cfg.optim.generator.beta2))
+    generator = build_generator(cfg, dev)
+    opt_s, opt_g = student_optimizer(cfg, student), generator_optimizer(cfg, generator)
 
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, cfg.generator.latent_dim, generator=sampler)
         y = torch.randint(0, num_classes, (n,), generator=sampler)
         return z.to(dev), y.to(dev)
 
-    def calibrate_on_generator() -> list[dict[str, Any]]:
+    def generated() -> list[torch.Tensor]:
         generator.eval()
         with torch.no_grad():
             batches = [generator(*sample(tc.batch_size)) for _ in range(cfg.quant.calib_batches)]
         generator.train()
-        return calibrate(student, batches)
+        return batches
 
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start_epoch = 0
     history: list[dict[str, float]] = []
-    best = {"val_top1": -1.0, "epoch": -1}
+    best = {M.VAL_TOP1: -1.0, "epoch": -1}
     best_state: dict[str, torch.Tensor] | None = None
     ptq: dict[str, float] = {}
     resumed = False
     if resume and ckpt_dir is not None and (ckpt_dir / LAST).is_file():
-        state = load_training_checkpoint(ckpt_dir / LAST)
-        student.load_state_dict(state["student"])
-        generator.load_state_dict(state["generator"])
-        opt_s.load_state_dict(state["opt_student"])
-        opt_g.load_state_dict(state["opt_generator"])
-        set_rng_state(state["rng"], sampler)
+        state = restore_training_state(ckpt_dir / LAST, student=student, generator=generator, opt_student=opt_s,
+                                       opt_generator=opt_g, sampler=sampler)
         start_epoch = int(state["epoch"]) + 1
         history = list(state["history"])
         best = dict(state["best"])
@@ -304,20 +266,19 @@ def run_training(
         ptq = dict(state["ptq"])
         resumed = True
     else:
-        if needs_calibration(student):
-            calibrate_on_generator()
+        calibrate_student(student, generated)
         if measure_ptq:
-            ptq = {"ptq_val_top1": evaluate(student, setup.val, dev)["top1"],
-                   "ptq_test_top1": evaluate(student, setup.test, dev)["top1"]}
+            ptq = {M.PTQ_VAL_TOP1: evaluate(student, setup.val, dev)["top1"],
+                   M.PTQ_TEST_TOP1: evaluate(student, setup.test, dev)["top1"]}
 
-    eff = efficiency(student, in_shape)
+    eff = efficiency_figures(student, in_shape)
     reporter.on_start({
         "config": flatten(cfg),
-        "teacher_val_top1": setup.teacher_val["top1"],
-        "teacher_test_top1": setup.teacher_test["top1"],
+        M.TEACHER_VAL_TOP1: setup.teacher_val["top1"],
+        M.TEACHER_TEST_TOP1: setup.teacher_test["top1"],
         "checkpoint_sha256": setup.checkpoint_sha256,
         "data": setup.data_meta,
-        "efficiency": {k: v for k, v in eff.items() if not isinstance(v, (list, dict))},
+        "efficiency": dict(eff),
         "start_epoch": start_epoch,
         "resumed": resumed,
         **ptq,
@@ -332,15 +293,15 @@ def run_training(
         t_epoch = time.perf_counter()
         warm = epoch < tc.warmup_epochs
         if epoch == tc.warmup_epochs and tc.warmup_epochs > 0 and needs_calibration(student):
-            calibrate_on_generator()  # ranges and thresholds from the warmed-up generator
-            eff = efficiency(student, in_shape)
-        _student_mode(student, tc.student_bn)
+            calibrate_student(student, generated)  # ranges and thresholds from the warmed-up generator
+            eff = efficiency_figures(student, in_shape)
+        student.train(tc.student_bn == "train")
         generator.train()
-        sums = {"g_total": 0.0, "g_margin": 0.0, "g_ce": 0.0, "g_bns": 0.0, "s_loss": 0.0}
+        sums = dict.fromkeys(M.EPOCH_LOSSES, 0.0)
         lr_s = lr_g = 0.0
         for it in range(tc.iters_per_epoch):
-            lr_g = _set_lr(opt_g, cfg.optim.generator.lr, lr_factor(cfg.optim, tc, epoch, it, student=False))
-            lr_s = _set_lr(opt_s, cfg.optim.student.lr, lr_factor(cfg.optim, tc, epoch, it, student=True))
+            lr_g = set_lr(opt_g, cfg.optim.generator.lr, lr_factor(cfg.optim, tc, epoch, it, student=False))
+            lr_s = set_lr(opt_s, cfg.optim.student.lr, lr_factor(cfg.optim, tc, epoch, it, student=True))
             z, y = sample(tc.batch_size)
             parts = qat_step(teacher, student, generator, opt_g, opt_s, z, y, cfg, train_student=not warm,
                              where=(epoch, it))
@@ -348,7 +309,7 @@ def run_training(
                 sums[k] += parts[k]
             reporter.on_iteration(epoch, it, parts)
         t_train = time.perf_counter() - t_epoch
-        metrics: dict[str, Any] = {"epoch": epoch + 1}
+        metrics: dict[str, Any] = {M.EPOCH: epoch + 1}
         last_val = None
         if evaluated is None or epoch + 1 in evaluated:
             t0 = time.perf_counter()
@@ -357,37 +318,28 @@ def run_training(
             if not math.isfinite(val["loss"]):
                 raise TrainingDiverged(f"training diverged: validation loss is {val['loss']} after epoch "
                                        f"{epoch + 1}; lower optim.student.lr or raise the bit-widths")
-            if val["top1"] > best["val_top1"]:
-                best = {"val_top1": val["top1"], "epoch": epoch}
+            if val["top1"] > best[M.VAL_TOP1]:
+                best = {M.VAL_TOP1: val["top1"], "epoch": epoch}
                 best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
             last_val = val
-            metrics.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"],
-                           val_drop=setup.teacher_val["top1"] - val["top1"], best_val_top1=best["val_top1"])
+            metrics.update({M.VAL_TOP1: val["top1"], M.VAL_TOP5: val["top5"], M.VAL_LOSS: val["loss"],
+                            M.VAL_DROP: setup.teacher_val["top1"] - val["top1"], M.BEST_VAL_TOP1: best[M.VAL_TOP1]})
         metrics.update({
-            "warmup": 1.0 if warm else 0.0,
-            "lr_student": lr_s if not warm else 0.0,
-            "lr_generator": lr_g,
-            "epoch_time_s": time.perf_counter() - t_epoch,
-            "epoch_train_time_s": t_train,
-            **{k: eff[k] for k in EPOCH_EFFICIENCY_KEYS},
+            M.WARMUP: 1.0 if warm else 0.0,
+            M.LR_STUDENT: lr_s if not warm else 0.0,
+            M.LR_GENERATOR: lr_g,
+            M.EPOCH_TIME_S: time.perf_counter() - t_epoch,
+            M.EPOCH_TRAIN_TIME_S: t_train,
+            **{k: eff[k] for k in M.EPOCH_COSTS},
             **{k: v / tc.iters_per_epoch for k, v in sums.items()},
         })
         history.append(metrics)
         ckpt_path = None
         if ckpt_dir is not None:
-            ckpt_path = save_checkpoint(ckpt_dir / LAST, {
-                "epoch": epoch,
-                "student": student.state_dict(),
-                "generator": generator.state_dict(),
-                "opt_student": opt_s.state_dict(),
-                "opt_generator": opt_g.state_dict(),
-                "rng": rng_state(sampler),
-                "history": history,
-                "best": best,
-                "best_student": best_state,
-                "ptq": ptq,
-                "config": flatten(cfg),
-            })
+            ckpt_path = save_training_state(ckpt_dir / LAST, epoch=epoch, student=student, generator=generator,
+                                            opt_student=opt_s, opt_generator=opt_g, sampler=sampler,
+                                            history=history, best=best, best_student=best_state, ptq=ptq,
+                                            config=flatten(cfg))
         try:
             reporter.on_epoch_end(epoch, metrics, ckpt_path)
         except StopTraining:
@@ -398,7 +350,7 @@ def run_training(
     # the last epoch's validation figures are those of the final student (same weights, same data)
     final_val = last_val if last_val is not None else evaluate(student, setup.val, dev)
     best_student = student
-    best_is_final = best_state is None or best["epoch"] == history[-1]["epoch"] - 1
+    best_is_final = best_state is None or best["epoch"] == history[-1][M.EPOCH] - 1
     if not best_is_final:
         best_student = copy.deepcopy(student)
         best_student.load_state_dict(best_state)
@@ -407,30 +359,30 @@ def run_training(
     if not stopped_early:  # a run the scheduler stopped is not reported on the test split
         best_test = evaluate(best_student, setup.test, dev)
         final_test = best_test if best_is_final else evaluate(student, setup.test, dev)
-        tested = {"test_top1": final_test["top1"], "test_top5": final_test["top5"],
-                  "best_test_top1": best_test["top1"], "test_drop": t_test - best_test["top1"]}
-    eff = efficiency(student, in_shape)
-    lat_shape = latency_shape(cfg, chans)
+        tested = {M.TEST_TOP1: final_test["top1"], M.TEST_TOP5: final_test["top5"],
+                  M.BEST_TEST_TOP1: best_test["top1"], M.TEST_DROP: t_test - best_test["top1"]}
+    eff = efficiency_figures(student, in_shape)
+    lat_shape = latency_shape(cfg, setup.in_channels)
     t_eval += time.perf_counter() - t_final
     final: dict[str, Any] = {
-        "val_top1": final_val["top1"],
-        "val_top5": final_val["top5"],
+        M.VAL_TOP1: final_val["top1"],
+        M.VAL_TOP5: final_val["top5"],
         **tested,
-        "best_val_top1": best["val_top1"],
-        "best_epoch": best["epoch"] + 1,
-        "teacher_val_top1": t_val,
-        "teacher_test_top1": t_test,
-        "val_drop": t_val - best["val_top1"],
+        M.BEST_VAL_TOP1: best[M.VAL_TOP1],
+        M.BEST_EPOCH: best["epoch"] + 1,
+        M.TEACHER_VAL_TOP1: t_val,
+        M.TEACHER_TEST_TOP1: t_test,
+        M.VAL_DROP: t_val - best[M.VAL_TOP1],
         **ptq,
-        "epochs_run": len(history),
+        M.EPOCHS_RUN: len(history),
         "stopped_early": stopped_early,
-        "train_time_s": time.perf_counter() - t_start,
-        "eval_time_s": t_eval,
-        "latency_ms": measure_latency(student, lat_shape, dev),
-        "latency_fp_ms": (setup.teacher_latency_ms if setup.teacher_latency_ms is not None
+        M.TRAIN_TIME_S: time.perf_counter() - t_start,
+        M.EVAL_TIME_S: t_eval,
+        M.LATENCY_MS: measure_latency(student, lat_shape, dev),
+        M.LATENCY_FP_MS: (setup.teacher_latency_ms if setup.teacher_latency_ms is not None
                           else measure_latency(teacher, lat_shape, dev)),
         "granularity_sites": site_report(student),
-        **{k: v for k, v in eff.items() if not isinstance(v, (list, dict))},
+        **eff,
         "history": history,
     }
     reporter.on_end(final)

@@ -3,7 +3,8 @@
 Used for the space's ``constraints`` (budgets checked before a trial is given any compute).
 BitOPs and weight bits depend on the architecture and the quantization spec, not on the
 weights, so the architecture is built with random weights (no download, no teacher) and
-prepared with the quant core: ``prepare(model, cfg.quant)`` then ``efficiency(student, (1,C,S,S))``.
+prepared by the run's own chain (:mod:`granq_search.pipeline.build`): ``build_student(cfg)``,
+``calibrate_student``, then ``efficiency_figures(student, (1,C,S,S))``.
 Sites that need calibration first (static ranges, threshold-selected granularity) are calibrated
 on two batches of noise: which sites a threshold makes fine changes the scale-factor count, not
 BitOPs or weight bits, and a static range costs the same 64 bits whatever its value.
@@ -23,14 +24,16 @@ def efficiency_of(cfg: ExperimentConfig) -> dict[str, float]:
     """Scalar efficiency figures of ``cfg``'s quantized student (bitops, size_bits, ...)."""
     import torch
 
-    from granq_search.pipeline.student_io import build_student
-    from granq_search.quant import calibrate, efficiency, needs_calibration
+    from granq_search.pipeline.build import build_student, calibrate_student, efficiency_figures
 
     student, shape = build_student(cfg)
-    if needs_calibration(student):
-        noise = torch.Generator().manual_seed(0)
-        calibrate(student, [torch.randn((8, *shape[1:]), generator=noise) for _ in range(2)])
-    eff = efficiency(student, shape)
+
+    def noise() -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        return [torch.randn((8, *shape[1:]), generator=gen) for _ in range(2)]
+
+    calibrate_student(student, noise)
+    eff = efficiency_figures(student, shape)
     return {k: float(v) for k, v in eff.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

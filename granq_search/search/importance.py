@@ -80,7 +80,7 @@ def study_importance(study, objectives: Sequence[Mapping[str, str]], *, evaluato
     if len(used) < 2:
         raise GranqError(f"search '{search}' has {len(used)} finished trial(s) ({left.get('pruned', 0)} pruned, "
                          "under-trained and not used); parameter importance needs at least 2: let the search "
-                         "run longer (python tune_main.py search --resume --name NAME --output-dir DIR)")
+                         "run longer (granq-search search --resume --name NAME --output-dir DIR)")
     names = sorted({p for t in used for p in t.params if all(p in u.params for u in used)})
     values = {p: {json.dumps(t.params[p], default=str) for t in used} for p in names}
     varying = [p for p in names if len(values[p]) > 1]
@@ -223,6 +223,6 @@ def log_importance_artifacts(tracking_uri: str, search_name: str, journal: str |
     except Exception as e:  # noqa: BLE001 - derived data must not fail a search
         from granq_search.tracking.uri import redact_text
 
-        log.warning("search %s: importance.json/png not stored in MLflow (%s); `python tune_main.py leaderboard "
+        log.warning("search %s: importance.json/png not stored in MLflow (%s); `granq-search leaderboard "
                     "--importance` computes them", search_name, redact_text(f"{type(e).__name__}: {e}"))
         return False

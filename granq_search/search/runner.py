@@ -11,9 +11,14 @@ Layout of a search (``--output-dir DIR --name NAME``, docs/ARCHITECTURE.md)::
 
 Order of work in :func:`run_search`: every check a user can fail (space file, overrides,
 numbers, name collision or missing search to resume, tracking URI, teacher and, locally, data)
-happens before any directory is created or Ray is started. Ray is started only when it is not
-running yet (``address`` None: a local instance without dashboard; ``auto``, ``HOST:PORT`` or
-``ray://HOST:PORT``: an existing cluster), and shut down only when this call started it.
+happens before any directory is created or Ray is started, and so do the checks of
+:mod:`~granq_search.search.preflight` (the cluster at ``address`` answers, ``--storage-path`` and
+``--output-dir`` take files: seconds, not minutes of Ray retries). Ray is started only when it is
+not running yet (``address`` None: a local instance, its dashboard only with ``dashboard``;
+``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``: an existing cluster), and shut down only when this
+call started it. A line on stderr names the dashboard's address or says why there is none.
+Ray's own progress output is off; the live status table (:mod:`~granq_search.search.status`)
+replaces it.
 
 Trial settings follow ../shared/SEARCH.md: ``TuneConfig`` never gets ``metric``/``mode`` (the
 objectives live on the searcher), ``max_concurrent_trials`` is always set, the scheduler gets
@@ -34,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,27 +99,38 @@ class SearchPaths:
 
 
 def default_space_dir() -> Path:
-    """``<repository>/search_spaces`` (next to the ``granq_search`` package)."""
+    """The shipped search spaces: ``granq_search/search_spaces`` in an installed package (a wheel,
+    ``pip install .``; pyproject.toml maps the top-level folder there), else ``<repository>/search_spaces``
+    (a source checkout or an editable install, where the package sits next to it)."""
+    from importlib.resources import files
+
     import granq_search
 
+    shipped = files(granq_search).joinpath("search_spaces")
+    if isinstance(shipped, Path) and shipped.is_dir():
+        return shipped.resolve()
     return Path(granq_search.__file__).resolve().parent.parent / "search_spaces"
 
 
 def resolve_space_arg(space: str | None) -> Path:
-    """``--space``: a YAML path, or the name of a file in ``<repository>/search_spaces``."""
+    """``--space``: a YAML path, or the name of a shipped space (:func:`default_space_dir`).
+
+    A YAML name, a name with a ``/`` or an existing file is a path (relative to the working
+    directory); any other name is looked up among the shipped spaces, wherever the command runs.
+    """
     directory = default_space_dir()
     if space is None:
         space = "digits"
     p = Path(space)
-    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in space:
+    if p.suffix in (".yaml", ".yml") or p.is_file() or "/" in space or os.sep in space:
         if not p.is_file():
             raise SearchSpaceError(f"search space file '{space}' does not exist; check the path")
         return p
     candidate = directory / f"{space}.yaml"
     if not candidate.is_file():
         known = sorted(q.stem for q in directory.glob("*.yaml")) if directory.is_dir() else []
-        where = f"in {directory}" if directory.is_dir() else f"({directory} is missing: this install has no " \
-                                                             "search_spaces folder)"
+        where = f"in {directory}" if directory.is_dir() else \
+            f"(this install ships no search spaces: {directory} is missing; reinstall granq_search)"
         tip = f"; known: {', '.join(known)}" if known else ""
         raise SearchSpaceError(f"no search space named '{space}' {where}{tip}; pass --space PATH to a "
                                "search-space YAML")
@@ -144,7 +161,7 @@ def latest_search(output_dir: Path) -> str:
 
 
 def _write_record(path: Path, record: Mapping[str, Any]) -> None:
-    from granq_search.cli.common import json_safe
+    from granq_search.jsonutil import json_safe
 
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(json_safe(dict(record)), indent=2) + "\n", encoding="utf-8")
@@ -171,8 +188,12 @@ class SearchOutcome:
     tracking_uri: str
     wall_time_s: float
     best_config: str | None = None
+    experiment: str = ""
+    """The MLflow experiment of the record ('' without tracking)."""
     leaderboard: str | None = None
     notes: list[str] = field(default_factory=list)
+    dashboard_url: str | None = None
+    """Ray's dashboard, when this search started or reached one that reports it."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -303,6 +324,7 @@ def run_search(
     address: str | None = None,
     storage_path: str | None = None,
     tracking_uri: str | None = None,
+    experiment: str | None = None,
     resume: bool = False,
     set_overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
@@ -310,6 +332,8 @@ def run_search(
     callbacks: Sequence[Any] = (),
     leaderboard_top: int = 5,
     tracking: bool = True,
+    dashboard: bool = False,
+    status_interval_s: float = 15.0,
 ) -> SearchOutcome:
     """Run (or with ``resume`` continue) a search; see the module docstring.
 
@@ -318,6 +342,11 @@ def run_search(
     replaces :func:`~granq_search.search.trainable.train_trial` (same keyword parameters) and
     ``callbacks`` are extra Ray callbacks: both for embedding and tests. ``tracking=False``
     records nothing in MLflow (tests of the search machinery only).
+
+    ``progress``: the live status table (:mod:`granq_search.search.status`, on stderr, at most
+    every ``status_interval_s`` seconds) in place of Ray's own output, which is always off (Ray's
+    warnings and errors stay visible). ``dashboard``: start Ray's dashboard with a local Ray
+    (needs ``ray[default]``); a line on stderr names its address, or says it is off.
     """
     t0 = time.time()
     output = Path(output_dir).expanduser().resolve()
@@ -345,7 +374,6 @@ def run_search(
         if storage_path is not None and storage_path != record.get("storage_path_arg"):
             raise SearchError(f"search '{name}' keeps its Ray results at {record['ray_path']}; drop --storage-path")
         storage_arg = record.get("storage_path_arg")
-        uri_arg = tracking_uri if tracking_uri is not None else record.get("tracking_uri")
     else:
         if isinstance(space, SearchSpace):
             the_space = space
@@ -365,15 +393,27 @@ def run_search(
         num_samples = 8 if num_samples is None else int(num_samples)
         max_concurrent = 2 if max_concurrent is None else int(max_concurrent)
         storage_arg = storage_path
-        uri_arg = tracking_uri
         record = {}
     _check_numbers(num_samples, max_concurrent, float(cpus_per_trial), float(gpus_per_trial))
     ray_storage, ray_name = _storage(storage_arg, paths)
     ray_path = f"{ray_storage}/{ray_name}"
+    _preflight(address, storage_arg, ray_storage, output, dashboard=dashboard)
 
-    from granq_search.tracking import redact_uri, resolve_tracking_uri
+    from granq_search.tracking import DEFAULT_EXPERIMENT, redact_uri
+    from granq_search.tracking.uri import resolve_store
 
-    uri = resolve_tracking_uri(uri_arg, output) if tracking else None
+    # --tracking-uri / --experiment, else the resumed search's, else MLFLOW_TRACKING_URI /
+    # MLFLOW_EXPERIMENT_NAME, else DIR/mlflow.db and granq_search
+    kept = {"tracking_uri": record.get("tracking_uri"), "experiment": record.get("experiment") or DEFAULT_EXPERIMENT}
+    store = resolve_store(tracking_uri, experiment, output, resumed=kept if resume else None) if tracking else None
+    uri = store.tracking_uri if store is not None else None
+    if resume and store is not None and store.experiment != kept["experiment"]:
+        raise SearchError(f"search '{name}' is recorded in MLflow experiment '{kept['experiment']}'; a resumed "
+                          "search keeps its experiment: drop --experiment")
+    if store is not None and progress:
+        import sys
+
+        print(f"search {name}: {store.describe()}", file=sys.stderr)
     if resume and tracking and record.get("tracking_uri") and uri != record["tracking_uri"]:
         # the MLflow callback restored from Ray's tuner.pkl keeps writing to the first store
         raise SearchError(f"search '{name}' is recorded at {redact_uri(record['tracking_uri'])}; a resumed search "
@@ -402,7 +442,12 @@ def run_search(
     from granq_search.search.searcher import OptunaSearcher, close_running_trials, open_study, replayable_results
     from granq_search.search.trainable import make_trainable
 
-    started_ray = _connect(address, progress)  # before any folder: a refused connection leaves nothing
+    # before any folder: a refused connection leaves nothing
+    from granq_search.user_code import code_roots
+
+    # the folders of the config's own modules (model.name / data.dataset import paths) for local trials
+    code_paths = code_roots((trial_base.model.name, trial_base.data.dataset))
+    started_ray, dashboard_url = _connect(address, progress, dashboard=dashboard, code_paths=code_paths)
     made_root = not paths.root.exists()
     fit_started = False
     recorder = None
@@ -423,8 +468,10 @@ def run_search(
            # the other epochs' reports carry no val_top1, which ASHA skips and the searcher and
            # recorder accept; Ray's check that every report names the scheduler metric is off
            "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
-    if not progress:
-        env["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine prints a header even at verbose 0
+    # Ray's own progress output is off (the legacy engine at verbose 0 prints nothing; the new one
+    # prints headers and per-trial boxes even at verbose 0); the status table replaces it
+    env["RAY_AIR_NEW_OUTPUT"] = "0"
+    table = _status_table(the_space, name, num_samples, status_interval_s) if progress else None
     try:
         with _env(env):
             paths.root.mkdir(parents=True, exist_ok=True)
@@ -445,6 +492,7 @@ def run_search(
                     "scheduler_state": str(paths.scheduler_state),
                     "study_name": name,
                     "tracking_uri": uri,
+                    "experiment": store.experiment if store is not None else None,
                     "teacher": {"source": teacher_source, "sha256": teacher_sha},
                     "teacher_metrics": teacher_metrics,
                 }
@@ -467,7 +515,8 @@ def run_search(
 
                 fidelity = dict(the_space.fidelity)
                 recorder = SearchRecorder(
-                    tracking_uri=uri, experiment_name="granq_search", search_name=name,
+                    tracking_uri=uri, experiment_name=store.experiment, search_name=name,
+                    searched=list(the_space.parameters),
                     parent_tags={
                         "granq.space_file": the_space.source,
                         "granq.fidelity": json.dumps(fidelity, default=str),
@@ -489,6 +538,7 @@ def run_search(
                 # finish() on the restored instance itself, so that writes it could not record
                 # (a store that is down) are retried at the end rather than dropped with it
                 recorder = _restored_recorder(tuner, recorder)
+                _replace_status_table(tuner, table)
             else:
                 searcher = OptunaSearcher(the_space, journal_path=str(paths.journal), study_name=name,
                                           cost_fn=EfficiencyCost() if the_space.constraints else None)
@@ -501,8 +551,9 @@ def run_search(
                         name=ray_name, storage_path=ray_storage,
                         failure_config=tune.FailureConfig(max_failures=2),
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                        callbacks=[*([recorder] if recorder is not None else []), *callbacks],
-                        verbose=1 if progress else 0,
+                        callbacks=[*([recorder] if recorder is not None else []),
+                                   *([table] if table is not None else []), *callbacks],
+                        verbose=0,
                     ),
                 )
             fit_started = True
@@ -543,26 +594,30 @@ def run_search(
         name=name, path=str(paths.root), status=status, num_trials=num_trials, counts=_counts(study),
         pareto=_pareto(study, the_space), objectives=record["objectives"], ray_path=ray_path,
         journal=str(paths.journal), tracking_uri=redact_uri(uri) if uri else "", wall_time_s=time.time() - t0,
-        notes=notes,
+        experiment=store.experiment if store is not None else "",
+        notes=notes, dashboard_url=dashboard_url,
     )
     if tracking and outcome.counts["complete"]:
         from granq_search.export.production import export_config
         from granq_search.tracking import format_leaderboard, load_runs
 
         try:
-            outcome.leaderboard = format_leaderboard(load_runs(uri, name), "table", top=leaderboard_top)
+            outcome.leaderboard = format_leaderboard(load_runs(uri, name, experiment=outcome.experiment), "table",
+                                                     top=leaderboard_top)
         except GranqError as e:
             notes.append(f"leaderboard: {e}")
         try:
-            outcome.best_config = str(export_config(uri, name, "best", output=paths.best))
+            outcome.best_config = str(export_config(uri, name, "best", output=paths.best,
+                                                    experiment=outcome.experiment))
         except GranqError as e:
             notes.append(f"export: {e}")
         if outcome.counts["complete"] >= 2:
             from granq_search.search.importance import log_importance_artifacts
 
-            if not log_importance_artifacts(uri, name, paths.journal, record["objectives"]):
+            if not log_importance_artifacts(uri, name, paths.journal, record["objectives"],
+                                            experiment=outcome.experiment):
                 notes.append("importance: importance.json/png not stored in MLflow (see the warning above); "
-                             "`python tune_main.py leaderboard --importance` computes them")
+                             "`granq-search leaderboard --importance` computes them")
     record.update(outcome={k: v for k, v in outcome.to_dict().items() if k not in ("leaderboard",)})
     _write_record(paths.record, record)
     return outcome
@@ -585,22 +640,38 @@ def _restored_recorder(tuner, fallback):
     return fallback
 
 
-def _connect(address: str | None, progress: bool) -> bool:
+def _connect(address: str | None, progress: bool, *, dashboard: bool = False,
+             code_paths: Sequence[str] = ()) -> tuple[bool, str | None]:
     """Start Ray locally (``address`` None) or connect to a cluster, unless Ray is already up.
-    Returns True when this call started or connected Ray (and so must shut it down)."""
+    Returns (True when this call started or connected Ray, and so must shut it down; the
+    dashboard's URL or None) and says on stderr where the dashboard is, or why it is off.
+
+    Ray's INFO logs (driver and trial processes: one line per checkpoint) stay off; warnings and
+    errors are shown, the trials' own output only with ``progress``.
+
+    ``code_paths``: folders a local Ray's workers need on ``PYTHONPATH`` (the modules of the
+    config's import paths; Ray itself adds only the driver's working directory). A cluster gets
+    code with the job (``ray job submit --working-dir``, ``runtime_env``), not from here."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return False, None
     init: dict[str, Any] = {"log_to_driver": bool(progress), "configure_logging": True,
-                            "logging_level": "INFO" if progress else "WARNING",
+                            "logging_level": "WARNING",
                             "runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}}
+    # the trial processes' Ray logger at WARNING too (Ray logs one INFO line per checkpoint)
+    init["runtime_env"].setdefault("env_vars", {}).setdefault(
+        "RAY_LOGGER_LEVEL", os.environ.get("RAY_LOGGER_LEVEL", "warning"))
     if address is None:
-        init["include_dashboard"] = False
+        init["include_dashboard"] = bool(dashboard)
+        if code_paths:
+            from granq_search.user_code import worker_pythonpath
+
+            init["runtime_env"]["env_vars"]["PYTHONPATH"] = worker_pythonpath(code_paths)
     else:
         init["address"] = address
     try:
-        ray.init(**init)
+        context = ray.init(**init)
     except Exception as e:  # noqa: BLE001 - one line for the user
         from granq_search.tracking.uri import redact_text, redact_uri
 
@@ -611,7 +682,72 @@ def _connect(address: str | None, progress: bool) -> bool:
             hint = ("; the cluster uses token authentication: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
                     "(`ray get-auth-token` on the head node), see docs/cluster.md")
         raise SearchError(f"cannot {where} ({type(e).__name__}: {first}){hint}") from None
-    return True
+    url = _dashboard_url(context)
+    if url:
+        line = f"Ray dashboard: {url}"
+    elif address is None:
+        line = "Ray dashboard: off (pass --dashboard to start it)"
+    else:
+        line = "Ray dashboard: the cluster reports none (`ray start --head --include-dashboard=true` starts it)"
+    print(line, file=sys.stderr, flush=True)
+    return True, url
+
+
+def _dashboard_url(context: Any) -> str | None:
+    url = str(getattr(context, "dashboard_url", "") or "").strip()
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+def _dashboard_missing() -> str | None:
+    """Why Ray's dashboard cannot start here (the ``ray[default]`` packages), or None."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401 - what Ray itself checks
+    except ImportError as e:
+        return str(e.name or e)
+    return None
+
+
+def _preflight(address: str | None, storage_arg: str | None, ray_storage: str, output: Path, *,
+               dashboard: bool) -> None:
+    """Checks that need no Ray: the cluster answers, the storage and the output folder take
+    files, the dashboard can start (see :mod:`granq_search.search.preflight`)."""
+    from granq_search.search.preflight import check_writable_dir, probe_ray_address
+
+    probe_ray_address(address)
+    if storage_arg is not None:
+        check_writable_dir(ray_storage, "--storage-path")
+    check_writable_dir(str(output), "--output-dir")
+    if dashboard and address is None:
+        missing = _dashboard_missing()
+        if missing:
+            raise SearchError(f"--dashboard needs Ray's dashboard packages ({missing} is missing): "
+                              "pip install 'ray[default]', or drop --dashboard")
+
+
+def _status_table(space: SearchSpace, name: str, num_samples: int, interval_s: float):
+    from granq_search.search.status import StatusTable
+
+    epochs = None if "train.epochs" in space.parameters else int(space.search_base.train.epochs)
+    return StatusTable(name=name, objectives=[{"metric": o.metric, "mode": o.mode} for o in space.objectives],
+                       params=list(space.parameters), num_samples=num_samples, epochs=epochs, interval_s=interval_s)
+
+
+def _replace_status_table(tuner: Any, table: Any) -> None:
+    """A restored Tuner brings back the status table of the run before (Ray pickles callbacks):
+    swap it for this run's (or drop it with ``progress`` off)."""
+    from granq_search.search.status import StatusTable
+
+    try:
+        callbacks = tuner._local_tuner.get_run_config().callbacks
+    except Exception:  # noqa: BLE001 - Ray Client, or Ray's internals moved
+        return
+    if callbacks is None:
+        return
+    callbacks[:] = [cb for cb in callbacks if not isinstance(cb, StatusTable)]
+    if table is not None:
+        callbacks.append(table)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,9 @@ single-objective ones next to ``TuneConfig(metric=...)``, enters early-stopped t
 COMPLETE (on the Pareto front with under-trained metrics), leaves NaN trials RUNNING forever
 and pays twice for duplicate proposals. This searcher:
 
-* owns the study: explicit seeded sampler, ``directions`` from the space's objectives, storage
+* owns the study: explicit seeded sampler, ``directions`` and metric names
+  (``study.metric_names``: the objectives' metrics, which optuna-dashboard and Optuna's plots
+  show) from the space's objectives, storage
   ``JournalStorage(JournalFileBackend(DIR/NAME/optuna.journal))`` (the driver is its only
   writer), the space's ``initial_points`` enqueued once when the study is created;
 * tells every trial exactly once: a Ray error -> FAIL; a result without ``final == 1`` (stopped by
@@ -47,6 +49,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -82,10 +85,23 @@ def _storage(journal_path: str):
     return JournalStorage(JournalFileBackend(str(journal_path)))
 
 
+def _name_metrics(study, space: SearchSpace) -> None:
+    """``study.metric_names`` = the space's objective metrics (written only when they differ, so a
+    reopened study adds nothing to the journal; a study made by an older version gets them)."""
+    import optuna
+
+    names = list(space.metrics)
+    if study.metric_names == names:
+        return
+    with warnings.catch_warnings():  # set_metric_names is marked experimental (Optuna 3.2 - 5)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
+
+
 def open_study(space: SearchSpace, journal_path: str, study_name: str, *, create: bool = False):
     """Open (or with ``create`` make) the study; return ``(study, storage)``.
 
-    Checks that the study's directions match the space.
+    Checks that the study's directions match the space; names its objectives (``metric_names``).
 
     A new study gets the space's ``initial_points`` enqueued. The sampler is seeded with
     ``seed + len(trials)`` so a reopened study continues rather than repeats its proposals.
@@ -100,6 +116,7 @@ def open_study(space: SearchSpace, journal_path: str, study_name: str, *, create
             raise SearchSpaceError(f"no Optuna study '{study_name}' in '{journal_path}'")
         study = optuna.create_study(storage=storage, study_name=study_name, directions=space.directions,
                                     sampler=make_sampler(space))
+        _name_metrics(study, space)
         for point in space.initial_points:
             study.enqueue_trial(dict(point), user_attrs={"initial_point": True})
         return study, storage
@@ -108,6 +125,7 @@ def open_study(space: SearchSpace, journal_path: str, study_name: str, *, create
     if have != list(space.directions):
         raise SearchSpaceError(f"the Optuna study '{study_name}' in '{journal_path}' optimises {have}, "
                                f"but the space asks for {space.directions}")
+    _name_metrics(study, space)
     n = len(study.get_trials(deepcopy=False))
     if n:
         study.sampler = make_sampler(space, seed_offset=n)

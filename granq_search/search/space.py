@@ -544,7 +544,7 @@ def parse_space(data: Any, source: str, *, space_file: Path | None = None,
     parameters = {p: s for p, s in declared.items() if p not in pinned}
     if not parameters:
         raise where.error("--set", f"pins every searched parameter ({', '.join(pinned)}); nothing left to search: "
-                          "drop a --set, or train the config with `python tune_main.py train` instead")
+                          "drop a --set, or train the config with `granq-search train` instead")
 
     if base_cfg is None:
         base = _resolve_base(where, data["base"], space_file)

@@ -12,12 +12,16 @@ Identity and resume
     on reuse only params not yet logged are written; a changed value is reported, not written.
 
 What is logged
-    Child: params = the full flat dotted config (``flatten(trial_config(trial.config))``) in
-    batches of at most 100; the contract's metrics (``schema.METRICS``, plus any objective
-    metric) per report with ``step=epoch`` in one ``log_batch``; Ray's bookkeeping keys are
-    not recorded; artifacts ``config.yaml`` (the resolved config) and ``sites.json`` (from the
-    final report's ``sites_json``). Parent: package version, git commit, command line
-    (URIs redacted), objectives (JSON), teacher name and FP accuracy, the driver's tags
+    Child: named ``t07 W3A4 tau=0.40`` (:func:`granq_search.tracking.names.run_name`: the trial's
+    ordinal, its bits and its most telling searched values; a function of the trial, so a run
+    recreated on ``--resume`` gets the same name), tag ``granq.searched`` (JSON list of the
+    searched dotted paths; the same tag on the parent), params = the full flat dotted config
+    (``flatten(trial_config(trial.config))``) in batches of at most 100; the contract's metrics
+    (``schema.METRICS``, plus any objective metric) per report with ``step=epoch`` in one
+    ``log_batch``; Ray's bookkeeping keys are not recorded; artifacts ``config.yaml`` (the
+    resolved config) and ``sites.json`` (from the final report's ``sites_json``). Parent: package
+    version, git commit, command line (URIs redacted), objectives (JSON), teacher name and FP
+    accuracy, the driver's tags
     (``granq.space_file``, ``granq.fidelity``, ``granq.production``, ...), and at the end the
     artifacts ``leaderboard.csv`` and ``pareto.png``.
 
@@ -62,7 +66,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +83,7 @@ from granq_search.tracking.schema import (
     normalize_objectives,
     param_value,
 )
+from granq_search.tracking.names import run_name, searched_paths
 from granq_search.tracking.store import find_parent, quote as _quote, search_runs_all, set_terminated
 from granq_search.tracking.uri import redact_argv, redact_text, redact_uri, server_reachable, sqlite_path
 
@@ -221,6 +226,8 @@ class SearchRecorder(Callback):
         trial_config: maps a Ray trial config to the trial's full ExperimentConfig.
         parent_params: params for the parent run (for example the flat base config).
         command_line: recorded redacted (default ``sys.argv``).
+        searched: the dotted paths the space searches, in its order (tag ``granq.searched`` of
+            the parent and of every child; default: the keys of the first trial's proposal).
         retry_interval_s: least time between retries after a failed write.
         finish_wait_s: how long :meth:`finish` keeps retrying (every 2 s) a store that does not
             answer before it gives up (then at least 3 attempts; the driver passes 30 s).
@@ -239,6 +246,7 @@ class SearchRecorder(Callback):
         command_line: list[str] | None = None,
         retry_interval_s: float = 10.0,
         finish_wait_s: float = 0.0,
+        searched: Sequence[str] | None = None,
     ) -> None:
         _quote(search_name)
         self.tracking_uri = tracking_uri
@@ -251,13 +259,14 @@ class SearchRecorder(Callback):
         self.command_line = list(sys.argv if command_line is None else command_line)
         self.retry_interval_s = retry_interval_s
         self.finish_wait_s = finish_wait_s
+        self.searched = [str(p) for p in searched] if searched is not None else None
         self._reset_runtime()
 
     # --------------------------------------------------------------- state and pickling
 
     _RUNTIME = ("_client", "_experiment_id", "_parent_id", "_parent_tags_now", "_children", "_pending",
                 "_configs", "_final_seen", "_failures", "_last_error", "_last_failure_at", "_reconciled",
-                "_finished", "dropped", "_live", "_requested", "_restored", "_lost_checked", "resumed")
+                "_finished", "dropped", "_live", "_requested", "_restored", "_lost_checked", "resumed", "_names")
 
     def _reset_runtime(self) -> None:
         self._client = None
@@ -280,6 +289,8 @@ class SearchRecorder(Callback):
         self.resumed = False
         """Set by the driver on the instance Ray restored for ``--resume`` (see :meth:`_lost_ops`)."""
         self.dropped: list[str] = []
+        self._names: dict[str, tuple[str, list[str]]] = {}
+        """Ray trial id -> (run name, searched paths), for children created from now on."""
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -289,6 +300,7 @@ class SearchRecorder(Callback):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("searched", None)  # a tuner.pkl of an older version
         self._reset_runtime()
 
     @property
@@ -353,6 +365,7 @@ class SearchRecorder(Callback):
             TAG.GIT_COMMIT: git_commit(),
             TAG.GIT_DIRTY: git_dirty(),
             TAG.STATUS: "running",
+            **({TAG.SEARCHED: json.dumps(self.searched)} if self.searched is not None else {}),
             **self.parent_tags,
         }
         command = " ".join(redact_argv(self.command_line))[:5000]
@@ -427,9 +440,12 @@ class SearchRecorder(Callback):
         if runs:
             child = self._child_from_run(runs[0])
         else:
+            name, searched = self._names.get(trial_id, (trial_id, None))
             tags = {TAG.KIND: "trial", TAG.SEARCH: self.search_name, TAG.TRIAL_ID: trial_id,
                     TAG.PARENT: parent, TAG.STATUS: "running"}
-            run = self.client.create_run(self._experiment(), tags=tags, run_name=trial_id)
+            if searched is not None:
+                tags[TAG.SEARCHED] = json.dumps(searched)
+            run = self.client.create_run(self._experiment(), tags=tags, run_name=name)
             child = _Child(run_id=run.info.run_id, status="RUNNING", tags=tags)
         self._children[trial_id] = child
         return child
@@ -512,6 +528,8 @@ class SearchRecorder(Callback):
         tags = {TAG.STATUS: "running"}
         if op.data.get("proposal"):
             tags["granq.proposal"] = op.data["proposal"]
+        if op.data.get("searched") is not None:
+            tags[TAG.SEARCHED] = json.dumps(op.data["searched"])
         if child.tags.get(TAG.FAILURE):
             tags["granq.previous_failure"] = child.tags[TAG.FAILURE]
         self._log_tags(child.run_id, {k: v for k, v in tags.items() if child.tags.get(k) != v})
@@ -582,18 +600,36 @@ class SearchRecorder(Callback):
             self._configs[tid] = cfg
         return self._configs[tid]
 
+    def _remember(self, trial: Any) -> list[str]:
+        """Name the trial's child (used when it is created) and return its searched paths."""
+        tid = str(trial.trial_id)
+        if tid not in self._names:
+            searched = self.searched if self.searched is not None else \
+                searched_paths(getattr(trial, "config", None))
+            try:
+                name = run_name(trial, self._config_of(trial), searched)
+            except Exception as e:  # noqa: BLE001 - a name must never stop the record
+                log.warning("trial %s: no readable run name (%s: %s)", tid, type(e).__name__, e)
+                name = tid
+            self._names[tid] = (name, list(searched))
+        return self._names[tid][1]
+
     def _start_ops(self, trial: Any) -> list[_Op]:
         tid = str(trial.trial_id)
         cfg = self._config_of(trial)
+        searched = self._remember(trial)
         proposal = ""
         try:
             proposal = json.dumps(getattr(trial, "config", {}) or {}, default=str, sort_keys=True)[:5000]
         except (TypeError, ValueError):
             pass
-        ops = [_Op("start", tid, {"proposal": proposal})]
+        ops = [_Op("start", tid, {"proposal": proposal, "searched": searched})]
         if cfg is not None and TAG.TEACHER not in self._parent_tags_now and TAG.TEACHER not in self._requested:
             ops.append(_Op("parent_tags", None, {"tags": {TAG.TEACHER: cfg.model.name}}))
             self._requested.add(TAG.TEACHER)
+        if TAG.SEARCHED not in self._parent_tags_now and TAG.SEARCHED not in self._requested:
+            ops.append(_Op("parent_tags", None, {"tags": {TAG.SEARCHED: json.dumps(searched)}}))
+            self._requested.add(TAG.SEARCHED)
         return ops
 
     def _result_ops(self, tid: str, result: Mapping[str, Any]) -> list[_Op]:
@@ -635,6 +671,7 @@ class SearchRecorder(Callback):
 
     def _close_op(self, trial: Any, *, errored: bool = False, interrupted: bool = False) -> _Op:
         tid = str(trial.trial_id)
+        self._remember(trial)  # a child first created by this op is named like the others
         last = getattr(trial, "last_result", None) or {}
         if interrupted and not errored and tid not in self._failures:
             return _Op("close", tid, {"status": "KILLED", "label": "interrupted"})
@@ -822,7 +859,7 @@ class SearchRecorder(Callback):
                     self._log_parent_artifacts()
                 except Exception as e:  # noqa: BLE001 - derived data: `leaderboard --plot` redraws it
                     log.warning("search %s: leaderboard.csv/pareto.png not stored in MLflow (%s: %s); "
-                                "`python tune_main.py leaderboard --plot FILE.png` recreates them",
+                                "`granq-search leaderboard --plot FILE.png` recreates them",
                                 self.search_name, type(e).__name__, e)
                 parent = self._ensure_parent()
                 self._log_tags(parent, {TAG.STATUS: label})

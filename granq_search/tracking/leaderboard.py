@@ -7,9 +7,15 @@ metric contract of docs/ARCHITECTURE.md:
     points), test_top1 (test top-1 of the best-validation student), test_drop, bitops,
     size_bits, size_kib, compression, act_scale_factors, fine_fraction, act_memory_bits (activation
     storage per image), act_mem_kib, residual_bits (precision of the residual stream; 32 = float),
-    weight_bits, act_bits, act_granularity, weight_granularity, placement (act. quantizers at ReLU
-    outputs or layer inputs), threshold, range_mode, student_lr, generator_lr,
-    epochs_run, failure_reason, run_id, plus ``rank`` and ``pareto``.
+    then the configuration under its dotted config paths: ``quant.weight.bits``, ``quant.act.bits``
+    and every parameter the search's space searches (all of them, in the space's order: tag
+    ``granq.searched`` of the parent run), then epochs_run, failure_reason, run_name, run_id, plus
+    ``rank`` and ``pareto``.
+
+The searched parameters of a search recorded without ``granq.searched`` are the keys of its
+trials' proposals (tag ``granq.proposal``), else the config params that differ between its
+trials. CSV and JSON name the columns by their dotted paths; the table shows short labels
+(``tau``, ``lr_S``, ...) and a legend.
 
 Only finished trials (``final == 1``) are ranked and can be on the Pareto front: a pruned
 trial's metrics are under-trained and a failed trial has none.
@@ -29,6 +35,8 @@ import numpy as np
 import pandas as pd
 
 from granq_search.errors import TrackingError
+from granq_search.jsonutil import json_safe
+from granq_search.tracking.names import short_labels, short_value
 from granq_search.tracking.store import search_runs_all
 from granq_search.tracking.schema import DEFAULT_EXPERIMENT, TAG, normalize_objectives
 from granq_search.tracking.uri import redact_uri, require_existing_store
@@ -47,25 +55,16 @@ __all__ = [
 
 FORMATS = ("table", "csv", "markdown", "json")
 
-COLUMNS = [
+METRIC_COLUMNS = [
     "rank", "trial", "status", "pareto", "val_top1", "val_drop", "test_top1", "test_drop", "bitops",
     "size_bits", "size_kib", "compression", "act_scale_factors", "fine_fraction", "act_memory_bits", "act_mem_kib",
-    "residual_bits", "weight_bits", "act_bits", "act_granularity", "weight_granularity", "placement", "threshold",
-    "range_mode", "student_lr", "generator_lr",
-    "epochs_run", "failure_reason", "run_id",
+    "residual_bits",
 ]
-
-_PARAM_COLUMNS = {
-    "weight_bits": ("quant.weight.bits", int),
-    "act_bits": ("quant.act.bits", int),
-    "act_granularity": ("quant.act.granularity", str),
-    "weight_granularity": ("quant.weight.granularity", str),
-    "placement": ("quant.act.placement", str),
-    "threshold": ("quant.act.threshold", float),
-    "range_mode": ("quant.act.range_mode", str),
-    "student_lr": ("optim.student.lr", float),
-    "generator_lr": ("optim.generator.lr", float),
-}
+BITS_COLUMNS = ["quant.weight.bits", "quant.act.bits"]
+"""Always shown (a trade-off of accuracy against bits), searched or not."""
+TAIL_COLUMNS = ["epochs_run", "failure_reason", "run_name", "run_id"]
+COLUMNS = METRIC_COLUMNS + BITS_COLUMNS + TAIL_COLUMNS
+"""The fixed columns; a search's own parameters come between the bits and the tail."""
 
 STATUS_ORDER = ("finished", "pruned", "running", "interrupted", "failed")
 
@@ -83,8 +82,13 @@ class Leaderboard:
     parent_status: str = ""
     tracking_uri: str = ""
     """Redacted."""
+    experiment: str = DEFAULT_EXPERIMENT
     tags: dict[str, str] = field(default_factory=dict)
     """The parent run's tags (fidelity, production budget, version, commit, ...)."""
+    params: list[str] = field(default_factory=list)
+    """The configuration columns of ``df`` (dotted paths): the bits, then the searched parameters."""
+    searched: list[str] = field(default_factory=list)
+    """The dotted paths the search varies, in the space's order."""
 
     def counts(self) -> dict[str, int]:
         c = self.df["status"].value_counts().to_dict() if len(self.df) else {}
@@ -108,27 +112,74 @@ def _float(x: Any) -> float:
         return float("nan")
 
 
-def _param(params: Mapping[str, str], key: str, kind: type) -> Any:
+def _param(params: Mapping[str, str], key: str) -> Any:
+    """A config param back as a value (params are strings; non-strings were written as JSON)."""
     raw = params.get(key)
     if raw is None:
-        return None if kind is str else float("nan")
-    if kind is str:
-        return raw
+        return None
     try:
-        return kind(float(raw)) if kind is int else kind(raw)
-    except (TypeError, ValueError):
-        return float("nan")
+        value = json.loads(raw)
+    except ValueError:
+        return raw
+    return value if isinstance(value, (int, float, bool, str, list)) else raw
+
+
+def _json_list(raw: str | None) -> list[str] | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    if isinstance(value, Mapping):  # a proposal: its dotted keys
+        return [str(k) for k in value if "." in str(k)]
+    return None
+
+
+def searched_params(parent_tags: Mapping[str, str], children: Sequence[Any]) -> list[str]:
+    """The dotted paths a search varies: the parent's ``granq.searched`` tag (the space's parameters,
+    in order); else the children's ``granq.searched`` tags; else the keys of their proposals
+    (``granq.proposal``: searches recorded before the tag existed); else the config params whose
+    values differ between the trials."""
+    own = _json_list(parent_tags.get(TAG.SEARCHED))
+    if own is not None:
+        return own
+    for tag in (TAG.SEARCHED, "granq.proposal"):
+        found: dict[str, None] = {}
+        for c in children:
+            for path in _json_list(c.data.tags.get(tag)) or []:
+                found[path] = None
+        if found:
+            return list(found)
+    keys: dict[str, None] = {}
+    for c in children:
+        keys.update(dict.fromkeys(c.data.params))
+    return [k for k in keys if "." in k and len({c.data.params.get(k) for c in children}) > 1]
+
+
+def _typed(column: pd.Series) -> pd.Series:
+    """Whole numbers as nullable integers (bits stay 3, not 3.0); other columns as they are."""
+    values = [v for v in column if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return column.astype("Int64")
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return pd.to_numeric(column, errors="coerce").astype(float)
+    return column.astype(object).where(column.notna(), None)
 
 
 def _parents(client, experiment: str, uri: str, where: str):
 
+    if experiment != DEFAULT_EXPERIMENT:
+        where = f"{where} (MLflow experiment '{experiment}')"
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise TrackingError(f"no searches recorded in {where}; run `python tune_main.py` first")
+        raise TrackingError(f"no searches recorded in {where}; run `granq-search` first")
     runs = search_runs_all(client, [exp.experiment_id], f"tags.`{TAG.KIND}` = 'search'",
                            order_by=["attributes.start_time DESC"])
     if not runs:
-        raise TrackingError(f"no searches recorded in {where}; run `python tune_main.py` first")
+        raise TrackingError(f"no searches recorded in {where}; run `granq-search` first")
     return exp.experiment_id, runs
 
 
@@ -185,21 +236,27 @@ def load_runs(tracking_uri: str, search: str | None = None, experiment: str = DE
         if math.isfinite(value):
             teacher[key] = value
     parent_open = parent.info.status == "RUNNING"
-    rows = [_row(c, teacher, parent_open) for c in children]
+    searched = searched_params(tags, children)
+    params = list(dict.fromkeys(BITS_COLUMNS + searched))
+    rows = [_row(c, teacher, parent_open, params) for c in children]
     df = pd.DataFrame(rows)
+    for col in params:
+        df[col] = _typed(df[col])
     for obj in objectives:  # an objective that is not a standard column: its raw metric
         if obj["metric"] not in df.columns:
             df[obj["metric"]] = [c.data.metrics.get(obj["metric"], float("nan")) for c in children]
     df = rank(df, objectives)
     df["pareto"] = pareto_mask(df, objectives)
-    extra = [c for c in df.columns if c not in COLUMNS]
-    df = df[[c for c in COLUMNS if c in df.columns] + extra]
+    order = METRIC_COLUMNS + params + TAIL_COLUMNS
+    extra = [c for c in df.columns if c not in order]
+    df = df[[c for c in order if c in df.columns] + extra]
     return Leaderboard(df=df.reset_index(drop=True), search=name, objectives=objectives,
                        parent_run_id=parent.info.run_id, teacher=teacher, parent_status=parent.info.status,
-                       tracking_uri=redact_uri(tracking_uri), tags=tags)
+                       tracking_uri=redact_uri(tracking_uri), experiment=experiment, tags=tags, params=params,
+                       searched=searched)
 
 
-def _row(run, teacher: Mapping[str, Any], parent_open: bool) -> dict[str, Any]:
+def _row(run, teacher: Mapping[str, Any], parent_open: bool, params: Sequence[str]) -> dict[str, Any]:
     m, p, t = run.data.metrics, run.data.params, run.data.tags
     status = t.get(TAG.STATUS) or {"FINISHED": "finished", "KILLED": "pruned", "FAILED": "failed"}.get(
         run.info.status, "running")
@@ -233,10 +290,11 @@ def _row(run, teacher: Mapping[str, Any], parent_open: bool) -> dict[str, Any]:
         "act_mem_kib": m.get("act_memory_bits", float("nan")) / 8192.0,
         "residual_bits": m.get("residual_bits", float("nan")),
     }
-    for col, (key, kind) in _PARAM_COLUMNS.items():
-        row[col] = _param(p, key, kind)
+    for key in params:
+        row[key] = _param(p, key)
     row["epochs_run"] = m.get("epochs_run", m.get("epoch", float("nan")))
     row["failure_reason"] = t.get(TAG.FAILURE, "") if status == "failed" else ""
+    row["run_name"] = run.info.run_name or ""
     row["run_id"] = run.info.run_id
     return row
 
@@ -304,25 +362,6 @@ def pareto_mask(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]]) -> pd
 # ----------------------------------------------------------------------------- formats
 
 
-def json_safe(x: Any) -> Any:
-    """Plain JSON data: NaN/inf and pandas NA -> None, numpy scalars -> Python."""
-    if isinstance(x, Mapping):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if x is None or x is pd.NA or x is pd.NaT:
-        return None
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-_PLACE_SHORT = {"relu_output": "relu", "layer_input": "input"}
-_GRAN_SHORT = {"per_tensor": "tensor", "per_channel": "channel", "per_sample_channel": "sample_channel",
-               "per_kernel": "kernel", "threshold": "threshold"}
-
-
 def _select(board: Leaderboard | pd.DataFrame, all_trials: bool, top: int | None) -> pd.DataFrame:
     df = board.df if isinstance(board, Leaderboard) else board
     if not all_trials:
@@ -353,39 +392,67 @@ def _num(x: Any, fmt: str) -> str:
     return format(xf, fmt)
 
 
-def _display_rows(df: pd.DataFrame, reason_width: int | None) -> tuple[list[str], list[list[str]], list[bool]]:
+def _missing(x: Any) -> bool:
+    return x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x))
+
+
+def _param_columns(df: pd.DataFrame, board: Leaderboard | None) -> list[str]:
+    """The configuration columns of ``df`` shown one by one (the bits are one ``W/A`` column)."""
+    params = board.params if board is not None else [c for c in df.columns if "." in str(c)]
+    return [c for c in params if c in df.columns and c not in BITS_COLUMNS]
+
+
+def _cell(df_row: Mapping[str, Any], col: str) -> str:
+    value = df_row.get(col)
+    if _missing(value):
+        return "-"
+    if col == "quant.act.threshold" and df_row.get("quant.act.granularity") not in (None, "threshold"):
+        return "-"  # tau only matters where it chooses the granularity
+    return short_value(value)
+
+
+def _display_rows(df: pd.DataFrame, reason_width: int | None,
+                  board: Leaderboard | None = None) -> tuple[list[str], list[list[str]], list[bool]]:
+    params = _param_columns(df, board)
+    labels = short_labels(params)
     headers = ["rank", "trial", "status", "front", "val top1", "val drop", "test top1", "BitOPs", "KiB",
-               "compr", "act KiB", "W/A bits", "place", "resid", "act gran", "w gran", "tau", "range", "lr S",
-               "lr G", "epochs"]
-    numeric = [True, False, False, False, True, True, True, True, True, True, True, False, False, True, False,
-               False, True, False, True, True, True]
+               "compr", "act KiB", "resid", "W/A"] + [labels[c] for c in params] + ["epochs"]
+    numeric = [True, False, False, False, True, True, True, True, True, True, True, True, False] + \
+        [bool(pd.api.types.is_numeric_dtype(df[c])) and not pd.api.types.is_bool_dtype(df[c]) for c in params] + [True]
     show_reason = bool(df["failure_reason"].astype(str).str.len().gt(0).any()) if len(df) else False
     if show_reason:
         headers.append("failure reason")
         numeric.append(False)
     rows = []
-    for r in df.itertuples(index=False):
-        wb, ab = r.weight_bits, r.act_bits
-        bits = f"{_num(wb, '.0f')}/{_num(ab, '.0f')}"
+    for record in df.to_dict(orient="records"):
+        r = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.items()}
+        bits = f"{_num(r.get('quant.weight.bits'), '.0f')}/{_num(r.get('quant.act.bits'), '.0f')}"
+        rank_ = r.get("rank")
+        compression = _num(r.get("compression"), ".1f")
         cells = [
-            "" if r.rank is pd.NA or r.rank is None else str(r.rank),
-            str(r.trial), r.status, "*" if r.pareto else "",
-            _num(r.val_top1, ".2f"), _num(r.val_drop, ".2f"), _num(r.test_top1, ".2f"),
-            _si(r.bitops), _num(r.size_kib, ".1f"), _num(r.compression, ".1f") + ("x" if _num(r.compression, ".1f") != "-" else ""),
-            _num(r.act_mem_kib, ".0f"), bits, _PLACE_SHORT.get(r.placement, r.placement or "-"),
-            "fp" if r.residual_bits == 32 else _num(r.residual_bits, ".0f"),
-            _GRAN_SHORT.get(r.act_granularity, r.act_granularity or "-"),
-            _GRAN_SHORT.get(r.weight_granularity, r.weight_granularity or "-"),
-            _num(r.threshold, ".2f") if r.act_granularity == "threshold" else "-",
-            r.range_mode or "-", _num(r.student_lr, ".2g"), _num(r.generator_lr, ".2g"), _num(r.epochs_run, ".0f"),
+            "" if _missing(rank_) else str(rank_),
+            str(r.get("trial")), str(r.get("status")), "*" if r.get("pareto") is True else "",
+            _num(r.get("val_top1"), ".2f"), _num(r.get("val_drop"), ".2f"), _num(r.get("test_top1"), ".2f"),
+            _si(r.get("bitops")), _num(r.get("size_kib"), ".1f"), compression + ("x" if compression != "-" else ""),
+            _num(r.get("act_mem_kib"), ".0f"),
+            "fp" if r.get("residual_bits") == 32 else _num(r.get("residual_bits"), ".0f"),
+            bits, *[_cell(r, c) for c in params], _num(r.get("epochs_run"), ".0f"),
         ]
         if show_reason:
-            reason = str(r.failure_reason or "")
+            reason = str(r.get("failure_reason") or "")
             if reason_width and len(reason) > reason_width:
                 reason = reason[: reason_width - 3] + "..."
             cells.append(reason)
         rows.append(cells)
     return headers, rows, numeric
+
+
+def _legend(df: pd.DataFrame, board: Leaderboard | None) -> str:
+    params = _param_columns(df, board)
+    labels = short_labels(params)
+    pairs = [f"{labels[c]} = {c}" for c in params if labels[c] != c]
+    return ("columns: W/A = quant.weight.bits/quant.act.bits" + "".join(f", {p}" for p in pairs)
+            + " (CSV and JSON use the dotted names)")
 
 
 def _header_lines(board: Leaderboard | None) -> list[str]:
@@ -394,6 +461,12 @@ def _header_lines(board: Leaderboard | None) -> list[str]:
     counts = ", ".join(f"{n} {s}" for s, n in board.counts().items())
     objs = ", ".join(f"{o['metric']} ({o['mode']})" for o in board.objectives)
     lines = [f"search '{board.search}': {counts}; objectives: {objs}"]
+    try:
+        pinned = json.loads(board.tags.get("granq.pinned") or "{}")
+    except ValueError:
+        pinned = {}
+    if isinstance(pinned, Mapping) and pinned:
+        lines.append("pinned: " + ", ".join(f"{k}={short_value(v)}" for k, v in pinned.items()))
     t = board.teacher
     if t:
         parts = [t.get("name", "teacher")]
@@ -408,6 +481,9 @@ def _header_lines(board: Leaderboard | None) -> list[str]:
 def _footer(board: Leaderboard | None, shown: pd.DataFrame, all_trials: bool) -> list[str]:
     lines = ["front = * : on the Pareto front (finished trials only); val top-1 is the best epoch's, "
              "test top-1 that student's"]
+    legend = _legend(shown, board)
+    if legend:
+        lines.append(legend)
     if board is not None and not all_trials:
         hidden = len(board.df) - int((board.df["status"] == "finished").sum())
         if hidden:
@@ -431,11 +507,12 @@ def format_leaderboard(board: Leaderboard | pd.DataFrame, fmt: str = "table", *,
         doc: dict[str, Any] = {}
         if lb is not None:
             doc.update(search=lb.search, parent_run_id=lb.parent_run_id, tracking_uri=lb.tracking_uri,
-                       objectives=lb.objectives, teacher=lb.teacher, counts=lb.counts())
+                       experiment=lb.experiment, objectives=lb.objectives, searched=lb.searched,
+                       teacher=lb.teacher, counts=lb.counts())
         records = df.astype(object).where(df.notna(), None).to_dict(orient="records")
         doc["trials"] = records
         return json.dumps(json_safe(doc), indent=2) + "\n"
-    headers, rows, numeric = _display_rows(df, 60 if fmt == "table" else None)
+    headers, rows, numeric = _display_rows(df, 60 if fmt == "table" else None, lb)
     if fmt == "markdown":
         esc = lambda s: s.replace("|", "\\|")  # noqa: E731
         out = [f"**{esc(line)}**  " for line in _header_lines(lb)[:1]] + \
@@ -519,14 +596,15 @@ def plot_pareto(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]], path:
         ax.scatter(fx, fy, s=90, color="#DD8452", edgecolors="black", linewidths=0.8, zorder=4,
                    label="Pareto front (finished)")
         rows = df[fsel].iloc[order]
-        grans = {g for g in rows.get("act_granularity", pd.Series(dtype=object)) if isinstance(g, str)}
+        grans = {g for g in rows.get("quant.act.granularity", pd.Series(dtype=object)) if isinstance(g, str)}
         labels: dict[tuple[float, float], list[str]] = {}
         for xi, yi, (_, r) in zip(fx, fy, rows.iterrows()):
             desc = ""
-            if pd.notna(r.get("weight_bits", np.nan)) and pd.notna(r.get("act_bits", np.nan)):
-                desc = f"W{int(r['weight_bits'])}A{int(r['act_bits'])}"
-            if len(grans) > 1 and isinstance(r.get("act_granularity"), str):  # only when it varies
-                desc += f" {_GRAN_SHORT.get(r['act_granularity'], r['act_granularity'])}"
+            w, a = r.get("quant.weight.bits"), r.get("quant.act.bits")
+            if not _missing(w) and not _missing(a):
+                desc = f"W{int(w)}A{int(a)}"
+            if len(grans) > 1 and isinstance(r.get("quant.act.granularity"), str):  # only when it varies
+                desc += f" {short_value(r['quant.act.granularity'])}"
             labels.setdefault((float(xi), float(yi)), []).append((_short(r["trial"]), desc))
         for (xi, yi), items in labels.items():  # coincident points share one label
             ids = ", ".join(i for i, _ in items)

@@ -10,6 +10,7 @@ Tags on the parent run of a search:
 Tags on a child (one per Ray trial):
     granq.kind=trial, granq.search=NAME, granq.trial_id=ID, mlflow.parentRunId,
     granq.status (running/finished/pruned/failed/interrupted), granq.failure_reason.
+Both: granq.searched (JSON list of the dotted config paths the search varies).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from granq_search import metrics as M
 from granq_search.errors import TrackingError
 
 __all__ = [
@@ -28,26 +30,19 @@ __all__ = [
     "METRICS",
     "DEFAULT_OBJECTIVES",
     "TAG",
+    "TRAIN_TAG",
     "normalize_objectives",
     "param_value",
 ]
 
 DEFAULT_EXPERIMENT = "granq_search"
 
-EPOCH_METRICS = (
-    "epoch", "val_top1", "val_top5", "val_loss", "val_drop", "best_val_top1", "warmup",
-    "lr_student", "lr_generator", "epoch_time_s", "epoch_train_time_s", "g_total", "g_margin", "g_ce", "g_bns", "s_loss",
-)
-FINAL_METRICS = (
-    "final", "test_top1", "test_top5", "best_test_top1", "best_epoch", "teacher_val_top1",
-    "teacher_test_top1", "val_drop", "test_drop", "ptq_val_top1", "ptq_test_top1", "epochs_run",
-    "train_time_s", "latency_ms", "latency_fp_ms", "bitops", "bitops_fp", "size_bits",
-    "size_bits_fp", "compression", "act_scale_factors", "fine_fraction", "act_sites", "act_memory_bits",
-    "residual_bits", "eval_time_s",
-)
+# The metric names are defined once, in granq_search.metrics (name, unit, when reported).
+EPOCH_METRICS = M.EPOCH_METRICS
+FINAL_METRICS = M.FINAL_METRICS
 # Every numeric result key recorded in MLflow; Ray's bookkeeping (time_this_iter_s, pid,
 # timestamp, done, training_iteration, ...) is not in it.
-METRICS = tuple(dict.fromkeys(EPOCH_METRICS + FINAL_METRICS))
+METRICS = M.RECORDED_METRICS
 
 
 class TAG:
@@ -69,9 +64,24 @@ class TAG:
     FIDELITY = "granq.fidelity"
     PRODUCTION = "granq.production"
     TRIAL_THREADS = "granq.trial_threads"
+    SEARCHED = "granq.searched"
 
 
-DEFAULT_OBJECTIVES = ({"metric": "val_drop", "mode": "min"}, {"metric": "bitops", "mode": "min"})
+class TRAIN_TAG:
+    """Tags of a ``train`` run (``tracking/train_run.py``), beyond :class:`TAG`."""
+
+    CONFIG_SOURCE = "granq.config_source"
+    SOURCE_RUN = "granq.source_run_id"
+    SOURCE_URI = "granq.source_tracking_uri"
+    RULE = "granq.selection_rule"
+    BUDGET = "granq.budget"
+    OUTPUT_DIR = "granq.output_dir"
+    RESUMED = "granq.resumed"
+    MODEL_FORMAT = "granq.model_format"
+    CHECKPOINT = "granq.checkpoint_sha256"
+
+
+DEFAULT_OBJECTIVES = ({"metric": M.VAL_DROP, "mode": "min"}, {"metric": M.BITOPS, "mode": "min"})
 
 _MODES = {"min": "min", "minimize": "min", "max": "max", "maximize": "max"}
 

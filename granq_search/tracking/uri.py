@@ -1,9 +1,17 @@
 """Tracking-store URIs: resolve the default, refuse file stores, probe servers, hide secrets.
 
+Where a command records or reads (:func:`resolve_store`, the one resolution order of every
+command: ``search``, ``leaderboard``, ``export`` and ``train``)
+    store: ``--tracking-uri``; else the store of the search or run being resumed; else
+    ``$MLFLOW_TRACKING_URI``; else a command's own fallback (``train``: the search's store named
+    in an exported config); else ``sqlite:///<abs DIR>/mlflow.db`` (one store for every search
+    in DIR). Experiment: ``--experiment``; else the resumed one's; else
+    ``$MLFLOW_EXPERIMENT_NAME``; else the command's default (``granq_search`` for searches,
+    ``granq_train`` for ``train``). The result says where each value came from.
+
 MLflow file stores (a plain folder or a ``file:`` URI) are refused: MLflow 3 raises on them
-unless ``MLFLOW_ALLOW_FILE_STORE=true``, and they do not survive concurrent writers. The
-default store of a search folder is ``sqlite:///<abs DIR>/mlflow.db`` (one store for every
-search in DIR); clusters use an MLflow server (``http(s)://``).
+unless ``MLFLOW_ALLOW_FILE_STORE=true``, and they do not survive concurrent writers. Clusters
+use an MLflow server (``http(s)://``).
 
 Nothing here creates a file: validation runs before any store is opened, and readers
 (leaderboard, export) call :func:`require_existing_store` so that reading a store that was
@@ -13,17 +21,26 @@ never written does not create an empty database.
 from __future__ import annotations
 
 import base64
+import os
 import re
 import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from granq_search.errors import TrackingError
+from granq_search.tracking.schema import DEFAULT_EXPERIMENT
 
 __all__ = [
     "DEFAULT_DB_NAME",
+    "ENV_TRACKING_URI",
+    "ENV_EXPERIMENT",
+    "TrackingStore",
+    "resolve_store",
     "resolve_tracking_uri",
     "redact_uri",
     "redact_argv",
@@ -34,6 +51,8 @@ __all__ = [
 ]
 
 DEFAULT_DB_NAME = "mlflow.db"
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+ENV_EXPERIMENT = "MLFLOW_EXPERIMENT_NAME"
 PROBE_TIMEOUT_S = 3.0
 
 # SQLAlchemy database URIs MLflow accepts as tracking stores (besides sqlite).
@@ -106,36 +125,95 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path.startswith("/") else Path(path).resolve()
 
 
-def resolve_tracking_uri(uri: str | None, output_dir: str | Path, *, check: bool = True) -> str:
-    """The tracking URI a command uses.
+@dataclass(frozen=True)
+class TrackingStore:
+    """Where a command records or reads, and where each value came from."""
 
-    ``None`` -> ``sqlite:///<abs output_dir>/mlflow.db``. Accepted: ``sqlite:///PATH``
-    (relative paths made absolute), ``http(s)://HOST``, SQLAlchemy database URIs
-    (``postgresql://``, ``mysql://``, ``mssql://``) and Databricks URIs (passed through).
-    Refused with :class:`TrackingError`: folders and ``file:`` URIs. With ``check`` an
+    tracking_uri: str
+    """Resolved (absolute SQLite path, no trailing slash); not redacted."""
+    experiment: str
+    uri_source: str
+    """``--tracking-uri``, ``MLFLOW_TRACKING_URI``, ``default``, or a caller's label (a resumed search,
+    an exported config's provenance)."""
+    experiment_source: str
+    """``--experiment``, ``MLFLOW_EXPERIMENT_NAME``, ``default``, or a caller's label."""
+
+    def describe(self) -> str:
+        """One line for banners: ``MLflow sqlite:////abs/mlflow.db (MLFLOW_TRACKING_URI), experiment
+        'x' (default)``, credentials redacted."""
+        return (f"MLflow {redact_uri(self.tracking_uri)} ({self.uri_source}), "
+                f"experiment '{self.experiment}' ({self.experiment_source})")
+
+
+def _given(value: Any) -> str | None:
+    text = "" if value is None else str(value).strip()
+    return text or None
+
+
+def resolve_store(tracking_uri: str | None, experiment: str | None, output_dir: str | Path, *,
+                  default_experiment: str = DEFAULT_EXPERIMENT, resumed: Mapping[str, Any] | None = None,
+                  resumed_source: str = "the resumed search", fallback_uri: str | None = None,
+                  fallback_source: str = "fallback", check: bool = True,
+                  environ: Mapping[str, str] | None = None) -> TrackingStore:
+    """The store and experiment a command uses (the module docstring gives the order).
+
+    ``resumed``: ``{"tracking_uri", "experiment"}`` of the search or run being continued (they
+    come right after the flags: a resumed record keeps its store). ``fallback_uri`` comes after
+    the environment. ``environ`` defaults to ``os.environ``. The URI is validated by
+    :func:`resolve_tracking_uri` rules (an error names where the bad value came from). Creates
+    nothing.
+    """
+    env = os.environ if environ is None else environ
+    resumed = resumed or {}
+    uri_choices = ((tracking_uri, "--tracking-uri"), (resumed.get("tracking_uri"), resumed_source),
+                   (env.get(ENV_TRACKING_URI), ENV_TRACKING_URI), (fallback_uri, fallback_source))
+    raw, uri_source = next(((_given(v), src) for v, src in uri_choices if _given(v)), (None, "default"))
+    exp_choices = ((experiment, "--experiment"), (resumed.get("experiment"), resumed_source),
+                   (env.get(ENV_EXPERIMENT), ENV_EXPERIMENT), (default_experiment, "default"))
+    name, exp_source = next(((_given(v), src) for v, src in exp_choices if _given(v)),
+                            (default_experiment, "default"))
+    uri = _validated(raw, output_dir, check=check, source=uri_source)
+    return TrackingStore(tracking_uri=uri, experiment=str(name), uri_source=uri_source,
+                         experiment_source=exp_source)
+
+
+def resolve_tracking_uri(uri: str | None, output_dir: str | Path, *, check: bool = True,
+                         environ: Mapping[str, str] | None = None) -> str:
+    """The tracking URI a command uses: ``uri``, else ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<abs output_dir>/mlflow.db`` (:func:`resolve_store` without an experiment).
+
+    Accepted: ``sqlite:///PATH`` (relative paths made absolute), ``http(s)://HOST``, SQLAlchemy
+    database URIs (``postgresql://``, ``mysql://``, ``mssql://``) and Databricks URIs (passed
+    through). Refused with :class:`TrackingError`: folders and ``file:`` URIs. With ``check`` an
     http(s) server is probed (3 s); an unreachable one is a one-line TrackingError.
     Creates nothing.
     """
+    return resolve_store(uri, None, output_dir, check=check, environ=environ).tracking_uri
+
+
+def _validated(uri: str | None, output_dir: str | Path, *, check: bool, source: str = "--tracking-uri") -> str:
+    """``uri`` checked and normalised (``None``: the default store of ``output_dir``)."""
     if uri is None or str(uri).strip() == "":
         return f"sqlite:///{(Path(output_dir).expanduser().resolve() / DEFAULT_DB_NAME).as_posix()}"
     uri = str(uri).strip()
+    given = f"{source} {redact_uri(uri)}" if source.startswith("-") else f"{redact_uri(uri)} (from {source})"
     if uri in _PASS_THROUGH:  # "databricks" alone: the default Databricks profile
         return uri
     scheme = uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
     if scheme == "" or scheme == "file" or len(scheme) == 1:  # len 1: a Windows drive letter
         raise TrackingError(
-            f"MLflow file stores are not supported (--tracking-uri {redact_uri(uri)}); "
+            f"MLflow file stores are not supported ({given}); "
             "use sqlite:///PATH (for example sqlite:///runs/search/mlflow.db) or an http:// server"
         )
     if scheme == "sqlite":
         path = sqlite_path(uri)
         if path is None:
             raise TrackingError(
-                f"unusable SQLite tracking URI {redact_uri(uri)!r}; write sqlite:///relative/path.db or "
+                f"unusable SQLite tracking URI {given}; write sqlite:///relative/path.db or "
                 "sqlite:////absolute/path.db (an in-memory database would lose the record)"
             )
         if path.exists() and path.is_dir():
-            raise TrackingError(f"--tracking-uri {redact_uri(uri)} names a folder; give a database file, e.g. "
+            raise TrackingError(f"{given} names a folder; give a database file, e.g. "
                                 f"sqlite:///{(path / DEFAULT_DB_NAME).as_posix()}")
         query = uri.split("?", 1)[1] if "?" in uri else ""
         return f"sqlite:///{path.as_posix()}" + (f"?{query}" if query else "")
@@ -146,7 +224,7 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | Path, *, check: bool
     if scheme.split("+", 1)[0] in _DB_SCHEMES or scheme in _PASS_THROUGH:
         return uri
     raise TrackingError(
-        f"unsupported tracking URI scheme '{scheme}:' in {redact_uri(uri)}; "
+        f"unsupported tracking URI scheme '{scheme}:' in {given}; "
         "use sqlite:///PATH or an http:// MLflow server"
     )
 
@@ -208,4 +286,4 @@ def require_existing_store(uri: str, output_dir: str | Path | None = None) -> No
         where = Path(output_dir) if output_dir is not None and path.parent == Path(output_dir).resolve() \
             else path.parent
         raise TrackingError(f"no searches recorded in {where} (no {path.name} there); "
-                            "run `python tune_main.py` first, or pass --output-dir/--tracking-uri")
+                            "run `granq-search` first, or pass --output-dir/--tracking-uri")

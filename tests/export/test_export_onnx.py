@@ -21,8 +21,9 @@ from onnx import TensorProto  # noqa: E402
 from granq_search.cli.main import main  # noqa: E402
 from granq_search.config import load_config  # noqa: E402
 from granq_search.errors import GranqError  # noqa: E402
-from granq_search.export import onnx_export  # noqa: E402
-from granq_search.export.onnx_export import export_float_onnx, export_onnx, onnx_summary, verify_onnx  # noqa: E402
+from granq_search.export import onnx_export, onnx_verify  # noqa: E402
+from granq_search.export.onnx_export import export_float_onnx, export_onnx, onnx_summary  # noqa: E402
+from granq_search.export.onnx_verify import verify_onnx  # noqa: E402
 from granq_search.pipeline.trainer import build_setup  # noqa: E402
 from granq_search.quant import (  # noqa: E402
     ActQuantizer,
@@ -262,7 +263,7 @@ def test_deploy_errors_write_nothing(train_run, tmp_path, capsys, monkeypatch):
         return {"n": 10, "batches": 1, "agreement": 50.0, "onnx_top1": 0.0, "torch_top1": 0.0, "top1_diff": 0.0,
                 "max_abs_diff": 1.0, "mean_abs_diff": 1.0}
 
-    monkeypatch.setattr(onnx_export, "verify_onnx", bad_verify)
+    monkeypatch.setattr(onnx_verify, "verify_onnx", bad_verify)
     assert main(["deploy", "--run", str(train_run), "--output", str(tmp_path / "new" / "student.onnx"),
                  "--fp-output", str(tmp_path / "fp" / "fp.onnx")]) == 2
     assert "agree" in capsys.readouterr().err

@@ -103,8 +103,79 @@ def test_cli_json_output_is_one_document(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
     assert doc["status"] == "finished" and doc["num_trials"] == 2 and doc["counts"]["running"] == 0
+    # the local Ray's dashboard is off by default and a line says so; no Ray progress output
+    assert "Ray dashboard: off (pass --dashboard to start it)" in r.stderr and doc["dashboard_url"] is None
+    assert "Trial status:" not in r.stderr and "Checkpoint successfully created" not in r.stderr
     assert doc["objectives"] == [{"metric": "val_drop", "mode": "min"}, {"metric": "bitops", "mode": "min"}]
     best = yaml.safe_load(Path(doc["best_config"]).read_text())
     assert best["train"]["epochs"] == 8  # production budget, not the search's 2
     record = json.loads((runs / "j" / "search.json").read_text())
     assert record["space_file"].endswith("search_spaces/digits.yaml") and record["status"] == "finished"
+
+
+# --------------------------------------------------------------------------- fail fast, before Ray
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_cluster_fails_in_seconds(tmp_path, capsys, good_space, monkeypatch):
+    import time
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address = f"127.0.0.1:{_closed_port()}"
+    t0 = time.time()
+    rc = main(["search", "--space", str(good_space), "--output-dir", str(tmp_path / "runs"), "--address", address])
+    err = capsys.readouterr().err
+    assert rc == 2 and time.time() - t0 < 30
+    assert err.startswith(f"error: cannot reach the Ray cluster at {address}: connection refused") and \
+        err.count("\n") == 1, err
+    assert "ray start --head" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_storage_path_fails_before_ray(tmp_path, capsys, good_space):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file")
+    rc = main(["search", "--space", str(good_space), "--output-dir", str(tmp_path / "runs"),
+               "--storage-path", str(blocker / "ray")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"--storage-path {blocker}/ray cannot be created: {blocker} is a file" in err
+    assert not (tmp_path / "runs").exists()
+    rc = main(["search", "--space", str(good_space), "--output-dir", str(blocker)])
+    assert rc == 2 and f"--output-dir {blocker} is a file" in capsys.readouterr().err
+
+
+def test_dashboard_without_its_packages(tmp_path, capsys, good_space):
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("ray[default] is installed: the dashboard can start")
+    rc = main(["search", "--space", str(good_space), "--output-dir", str(tmp_path / "runs"), "--dashboard"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "pip install 'ray[default]'" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_cli_unreachable_cluster_exits_2_without_traceback(tmp_path):
+    """The installed command as a user runs it: one line, exit 2, well within 30 s (Ray would
+    retry for minutes)."""
+    import time
+
+    address = f"127.0.0.1:{_closed_port()}"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(REPO / "tune_main.py"), "search", "--address", address, "--output-dir",
+                        str(tmp_path / "runs")], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=60)
+    took = time.time() - t0
+    assert r.returncode == 2 and took < 30, (took, r.stderr[-2000:])
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and address in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""

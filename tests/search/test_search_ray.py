@@ -237,3 +237,41 @@ def test_existing_name_and_missing_resume_fail_before_ray(tmp_path, markers):
     with pytest.raises(Exception, match="no search 'ghost'"):
         run_search(name="ghost", output_dir=tmp_path / "runs", resume=True)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["taken"]
+
+
+def test_status_table_replaces_ray_output(tmp_path, markers, capfd):
+    """progress=True: our table of trials (objectives, epochs, parameters) on stderr, at the end
+    too; none of Ray's trial boxes or status blocks."""
+    space = space_file(
+        tmp_path,
+        parameters={"quant.act.threshold": {"type": "float", "low": 0.0, "high": 0.6},
+                    "quant.act.bits": {"type": "categorical", "choices": [3, 4]}},
+        initial_points=[{"quant.act.threshold": t, "quant.act.bits": 4} for t in (0.6, 0.0, 0.5)],
+        scheduler={"type": "asha", "reduction_factor": 2, "grace_period": 1})
+    capfd.readouterr()
+    out = run_search(space, name="table", output_dir=tmp_path / "runs", num_samples=3, max_concurrent=1,
+                     progress=True, tracking=False, trainable=fakes.synthetic_trial, status_interval_s=0.0)
+    stdout, stderr = capfd.readouterr()
+    assert out.status == "finished"
+    tables = [block for block in stderr.split("\n\n") if block.lstrip().startswith("search table [")]
+    assert len(tables) >= 2, stderr[-3000:]
+    last = tables[-1].strip().splitlines()
+    assert "trials 3/3" in last[0] and "objectives: val_drop (min), bitops (min)" in last[0]
+    assert last[1].split() == ["trial", "state", "epoch", "val_drop", "bitops", "bits", "threshold"]
+    study = study_of(out)
+    for t in study.trials:
+        row = next(line.split() for line in last[2:] if line.startswith(t.user_attrs["ray_trial_id"][:8]))
+        state = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "pruned"}[t.state]
+        assert row[1] == state and row[2].endswith("/4") and row[4] == "4M"
+        if state == "finished":
+            assert float(row[3]) == pytest.approx(t.values[0], abs=0.01) and row[2] == "4/4"
+    assert any(line.split()[1] == "running" for table in tables for line in table.splitlines()[2:])
+    for ray_output in ("Trial status:", "╭", "val_top5", "Checkpoint successfully created", "View detailed results"):
+        assert ray_output not in stdout + stderr
+
+
+def test_probe_accepts_a_real_ray_gcs(markers):
+    from granq_search.search.preflight import probe_ray_address
+
+    address = ray.get_runtime_context().gcs_address
+    probe_ray_address(address)  # no error: Ray's GCS answers the HTTP/2 preface

@@ -199,6 +199,45 @@ def test_initial_points_are_enqueued_once(tmp_path):
     assert sum(1 for t in s.study.trials if t.user_attrs.get("initial_point")) == 2
 
 
+def _journal_study(journal, name="s"):
+    """The study as an outside reader (optuna-dashboard, a notebook) opens it: the journal file alone."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
+
+
+def test_study_carries_its_objective_names(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    space = make_space(tmp_path)
+    s = searcher_for(tmp_path, space)
+    s.suggest("a")
+    s.on_trial_complete("a", final(0.5, 2e7))
+    study = _journal_study(journal)
+    assert study.metric_names == ["val_drop", "bitops"] == space.metrics
+    frame = study.trials_dataframe(multi_index=True)
+    assert list(frame["values"].columns) == ["val_drop", "bitops"]  # what Optuna's tables and plots show
+    size = journal.stat().st_size
+    open_study(space, str(journal), "s")  # reopened (the driver, --resume): nothing written again
+    assert journal.stat().st_size == size
+
+
+def test_study_of_an_older_version_gets_its_names_on_resume(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = tmp_path / "optuna.journal"
+    space = make_space(tmp_path, objectives=[{"metric": "val_top1", "mode": "max"},
+                                             {"metric": "size_bits", "mode": "min"}])
+    optuna.create_study(storage=JournalStorage(JournalFileBackend(str(journal))), study_name="s",
+                        directions=space.directions)
+    assert _journal_study(journal).metric_names is None
+    open_study(space, str(journal), "s")
+    assert _journal_study(journal).metric_names == ["val_top1", "size_bits"]
+
+
 def test_directions_mismatch_is_refused(tmp_path):
     space = make_space(tmp_path)
     open_study(space, str(tmp_path / "optuna.journal"), "s", create=True)

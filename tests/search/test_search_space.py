@@ -301,6 +301,6 @@ def test_pin_on_the_digits_space():
     assert (cfg.quant.act.bits, cfg.quant.weight.bits) == (3, 3)
     assert (space.base.quant.act.bits, space.base.quant.weight.bits) == (3, 3)
     assert all(not {"quant.act.bits", "quant.weight.bits"} & set(p) for p in space.initial_points)
-    assert len(space.initial_points) == 2  # the two shipped points still differ in their other values
-    with pytest.raises(SearchSpaceError, match=r"--set quant.weight.bits: 2 is outside .* one of \[3, 4, 5\]"):
-        load_space(REPO / "search_spaces" / "digits.yaml", {"quant.weight.bits": 2})
+    assert len(space.initial_points) == 3  # the three shipped points still differ in their other values
+    with pytest.raises(SearchSpaceError, match=r"--set quant.weight.bits: 6 is outside .* one of \[2, 3, 4, 5\]"):
+        load_space(REPO / "search_spaces" / "digits.yaml", {"quant.weight.bits": 6})

@@ -64,7 +64,9 @@ def test_finished_trial_is_recorded_completely(store):
     assert {a.path for a in c.list_artifacts(p.info.run_id)} == {"leaderboard.csv", "pareto.png"}
 
     (child,) = runs_of(store, parent_id=p.info.run_id)
-    assert child.info.run_name == "t1" and child.info.status == "FINISHED"
+    assert child.info.run_name == "t1 W4A3" and child.info.status == "FINISHED"
+    assert json.loads(child.data.tags[TAG.SEARCHED]) == ["quant.act.bits"]
+    assert json.loads(p.data.tags[TAG.SEARCHED]) == ["quant.act.bits"]
     assert child.data.tags[TAG.TRIAL_ID] == "t1" and child.data.tags[TAG.STATUS] == "finished"
     expected = flatten(trial_config({"quant.act.bits": 3}))
     assert set(child.data.params) == set(expected)
@@ -118,7 +120,7 @@ def test_resume_with_a_new_recorder_finds_parent_and_children(store):
     resumed.finish()
     assert len(runs_of(store, kind="search")) == 1
     children = runs_of(store, kind="trial")
-    assert sorted(r.info.run_name for r in children) == ["t1", "t2"]
+    assert sorted(r.info.run_name for r in children) == ["t1 W4A3", "t2 W4A5"]  # names kept on resume
     assert {r.info.status for r in children} == {"FINISHED"}
     assert runs_of(store, kind="search")[0].data.tags["granq.command_resume"]
 
@@ -159,7 +161,7 @@ def test_failure_reported_in_a_result(store):
     resumed.setup()
     resumed.on_step_begin(0, [t, u])
     resumed.finish()
-    by_name = {r.info.run_name: r for r in runs_of(store, kind="trial")}
+    by_name = {r.data.tags[TAG.TRIAL_ID]: r for r in runs_of(store, kind="trial")}
     assert by_name["t1"].info.status == "FAILED"
     assert by_name["t1"].data.tags[TAG.FAILURE] == "out of memory on cuda:0 more"
     assert by_name["t2"].info.status == "FAILED" and by_name["t2"].data.tags[TAG.FAILURE] == "TrainingDiverged: NaN"
@@ -183,7 +185,7 @@ def test_pruned_and_interrupted_status_and_nothing_left_running(store):
     rec.on_experiment_end([pruned, running])  # interrupted while r1 runs
     rec.finish("KILLED")
     rec.finish("KILLED")  # safe twice
-    by_name = {r.info.run_name: r for r in runs_of(store, kind="trial")}
+    by_name = {r.data.tags[TAG.TRIAL_ID]: r for r in runs_of(store, kind="trial")}
     assert by_name["p1"].info.status == "KILLED" and by_name["p1"].data.tags[TAG.STATUS] == "pruned"
     assert by_name["r1"].info.status == "KILLED" and by_name["r1"].data.tags[TAG.STATUS] == "interrupted"
     (parent,) = runs_of(store, kind="search")

@@ -168,5 +168,5 @@ def test_cli_missing_store_is_not_created(tmp_path, monkeypatch, capsys, command
     d = tmp_path / "runs" / "search"
     assert cli([command, "--output-dir", str(d)], monkeypatch) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: no searches recorded in {d}") and "run `python tune_main.py` first" in err
+    assert err.startswith(f"error: no searches recorded in {d}") and "run `granq-search` first" in err
     assert not (tmp_path / "runs").exists()

@@ -75,8 +75,9 @@ def test_real_tune_run_and_restore(ray_local, store, tmp_path):
     assert by_mode["fail"].info.status == "FAILED"
     assert by_mode["fail"].data.tags[TAG.FAILURE] == "ValueError: boom at epoch 2"
     assert by_mode["finish"].data.params["quant.act.bits"] == "3"
+    # named by Ray's trial counter (0-based for a grid search, 1-based with a searcher) and bits
+    assert sorted(c.info.run_name for c in children) == ["t00 W4A3", "t01 W4A3", "t02 W4A3"]
     for c in children:
-        assert c.info.run_name == c.data.tags[TAG.TRIAL_ID]
         assert "time_this_iter_s" not in c.data.metrics and "prune" not in c.data.metrics
 
     # resume: Ray unpickles the recorder from tuner.pkl and retries the errored trial
@@ -86,6 +87,7 @@ def test_real_tune_run_and_restore(ray_local, store, tmp_path):
     assert len(runs_of(store, kind="search")) == 1
     children = runs_of(store, kind="trial")
     assert len(children) == 3
+    assert sorted(c.info.run_name for c in children) == ["t00 W4A3", "t01 W4A3", "t02 W4A3"]  # kept on resume
     assert not [r for r in runs_of(store) if r.info.status == "RUNNING"]
     board = load_runs(store, "ray")
     assert list(board.df.loc[board.df["pareto"], "status"]) == ["finished"]

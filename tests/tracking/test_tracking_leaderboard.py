@@ -30,7 +30,7 @@ def test_rows_statuses_and_columns(board):
     assert set(df.index) == set(HAND_MADE)
     for tid, (status, drop, bitops, wb, ab) in HAND_MADE.items():
         assert df.loc[tid, "status"] == status
-        assert df.loc[tid, "weight_bits"] == wb and df.loc[tid, "act_bits"] == ab
+        assert df.loc[tid, "quant.weight.bits"] == wb and df.loc[tid, "quant.act.bits"] == ab
         if drop is not None:
             assert df.loc[tid, "val_drop"] == pytest.approx(drop)
             assert df.loc[tid, "val_top1"] == pytest.approx(90.0 - drop)
@@ -39,8 +39,10 @@ def test_rows_statuses_and_columns(board):
     assert df.loc["t1", "size_kib"] == pytest.approx(8e5 / 8192)
     assert df.loc["t1", "test_top1"] == pytest.approx(89.0)
     assert df.loc["t1", "test_drop"] == pytest.approx(0.0)
-    assert df.loc["t1", "act_granularity"] == "per_sample_channel" and df.loc["t1", "range_mode"] == "dynamic"
-    assert df.loc["t1", "student_lr"] == pytest.approx(1e-3)
+    # nothing recorded what the hand-made search searched: the params that differ between its trials
+    assert sorted(board.searched) == ["quant.act.bits", "quant.weight.bits"]
+    assert board.params[:2] == ["quant.weight.bits", "quant.act.bits"]
+    assert df["quant.act.bits"].dtype == "Int64" and df.loc["t1", "run_name"] == "t1"
     assert board.teacher == {"name": "digits_cnn", "val_top1": 90.0, "test_top1": 89.0}
     assert board.objectives == OBJECTIVES and board.search == "hand"
 

@@ -20,12 +20,8 @@ from granq_search.config import dump_config, flatten, load_config
 from granq_search.errors import GranqError, TrackingError
 from granq_search.pipeline.evaluation import evaluate
 from granq_search.tracking.schema import TAG
-from granq_search.tracking.train_run import (
-    DEFAULT_TRAIN_EXPERIMENT,
-    RUN_FILE,
-    fluent_store,
-    resolve_target,
-)
+from granq_search.tracking.mlflow_io import fluent_store
+from granq_search.tracking.train_target import DEFAULT_TRAIN_EXPERIMENT, RUN_FILE, resolve_target
 from test_tracking_integration import mlflow_server  # noqa: F401 - the real `mlflow server` fixture
 
 TINY = ["--set", "train.epochs=2", "--set", "train.warmup_epochs=1", "--set", "train.iters_per_epoch=5",

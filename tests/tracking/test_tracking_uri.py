@@ -8,7 +8,13 @@ import time
 import pytest
 
 from granq_search.errors import TrackingError
-from granq_search.tracking.uri import redact_argv, redact_uri, require_existing_store, resolve_tracking_uri
+from granq_search.tracking.uri import (
+    redact_argv,
+    redact_uri,
+    require_existing_store,
+    resolve_store,
+    resolve_tracking_uri,
+)
 
 
 def _free_port() -> int:
@@ -25,6 +31,46 @@ def test_default_is_sqlite_in_the_output_dir_and_creates_nothing(tmp_path, monke
     assert resolve_tracking_uri("postgresql://u:p@db/mlflow", ".") == "postgresql://u:p@db/mlflow"
     assert resolve_tracking_uri("databricks", ".") == "databricks"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resolution_order_flag_then_environment_then_default(tmp_path, monkeypatch):
+    default = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    env_db, flag_db = f"sqlite:///{tmp_path}/env.db", f"sqlite:///{tmp_path}/flag.db"
+    store = resolve_store(None, None, tmp_path / "runs")
+    assert (store.tracking_uri, store.uri_source, store.experiment, store.experiment_source) == \
+        (default, "default", "granq_search", "default")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_db)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team_x")
+    store = resolve_store(None, None, tmp_path / "runs")
+    assert (store.tracking_uri, store.uri_source) == (env_db, "MLFLOW_TRACKING_URI")
+    assert (store.experiment, store.experiment_source) == ("team_x", "MLFLOW_EXPERIMENT_NAME")
+    assert resolve_tracking_uri(None, tmp_path / "runs") == env_db  # the same order for the plain function
+    assert store.describe() == f"MLflow {env_db} (MLFLOW_TRACKING_URI), experiment 'team_x' (MLFLOW_EXPERIMENT_NAME)"
+
+    store = resolve_store(flag_db, "mine", tmp_path / "runs")  # flags beat the environment
+    assert (store.tracking_uri, store.uri_source, store.experiment, store.experiment_source) == \
+        (flag_db, "--tracking-uri", "mine", "--experiment")
+    # a resumed record beats the environment; a command's own fallback comes after it
+    kept = {"tracking_uri": flag_db, "experiment": "kept"}
+    store = resolve_store(None, None, tmp_path, resumed=kept, resumed_source="search.json")
+    assert (store.tracking_uri, store.experiment, store.uri_source) == (flag_db, "kept", "search.json")
+    store = resolve_store(None, None, tmp_path, fallback_uri=flag_db, fallback_source="provenance",
+                          default_experiment="granq_train")
+    assert (store.tracking_uri, store.experiment) == (env_db, "team_x")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "  ")  # blank: not set
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    store = resolve_store(None, None, tmp_path, fallback_uri=flag_db, fallback_source="provenance",
+                          default_experiment="granq_train")
+    assert (store.tracking_uri, store.uri_source, store.experiment) == (flag_db, "provenance", "granq_train")
+    assert list(tmp_path.iterdir()) == []  # resolving creates nothing
+
+
+def test_a_bad_store_in_the_environment_is_named_as_such(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(tmp_path / "mlruns"))
+    with pytest.raises(TrackingError, match=r"file stores are not supported \(.*mlruns \(from MLFLOW_TRACKING_URI\)\)"):
+        resolve_store(None, None, tmp_path)
+    assert resolve_store(f"sqlite:///{tmp_path}/ok.db", None, tmp_path).uri_source == "--tracking-uri"
 
 
 @pytest.mark.parametrize("uri", ["runs/mlruns", "/abs/mlruns", "file:///tmp/mlruns", "./mlruns"])

@@ -47,6 +47,8 @@ class FakeTrial:
     error_file: str | None = None
     last_result: dict = field(default_factory=dict)
     local_path: str | None = None
+    experiment_tag: str = ""
+    """Ray's ``<counter>_<params>`` (1-based counter of the trials the search created)."""
 
 
 def epoch_result(epoch: int, val: float, *, final: bool = False, bitops: float = 1e6, **extra) -> dict:
@@ -75,11 +77,11 @@ def make_recorder(uri: str, name: str = "s1", **kw):
                                         "https://alice:s3cret@mlflow.example:5000"], **kw)
 
 
-def runs_of(uri: str, parent_id: str | None = None, kind: str | None = None):
+def runs_of(uri: str, parent_id: str | None = None, kind: str | None = None, experiment: str = "granq_search"):
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(uri)
-    exp = c.get_experiment_by_name("granq_search")
+    exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return []
     flt = []
@@ -91,16 +93,16 @@ def runs_of(uri: str, parent_id: str | None = None, kind: str | None = None):
 
 
 def make_hand_made_search(uri: str, name: str = "hand", trials: dict | None = None, with_configs: bool = True,
-                          start_offset_ms: int = 0) -> str:
+                          start_offset_ms: int = 0, experiment: str = "granq_search") -> str:
     """A search written straight with MlflowClient, following the tag contract."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     trials = HAND_MADE if trials is None else trials
     c = MlflowClient(uri)
-    exp = c.get_experiment_by_name("granq_search")
+    exp = c.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else c.create_experiment(
-        "granq_search", artifact_location=(Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri())
+        experiment, artifact_location=(Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri())
     now = int(time.time() * 1000) + start_offset_ms
     parent = c.create_run(exp_id, start_time=now, run_name=name, tags={
         TAG.KIND: "search", TAG.SEARCH: name, TAG.OBJECTIVES: json.dumps(OBJECTIVES),
