@@ -94,7 +94,8 @@ def test_model_modules_do_not_import_the_registry():
 
 @pytest.mark.parametrize("module", ["digits", "torchvision_models"])
 def test_each_model_module_imports_first_in_a_fresh_interpreter(module):
-    code = f"import granq_search.models.{module}; from granq_search.models import list_models; print(len(list_models()))"
+    code = (f"import granq_search.models.{module}; from granq_search.models import list_models; "
+            "print(len(list_models()))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout.strip()) == len(list_models())
