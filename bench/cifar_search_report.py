@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 from bench._doc import DOCS, write_section  # noqa: E402
 from granq_search.search.importance import format_importance, plot_importance, search_importance  # noqa: E402
 from granq_search.tracking import format_leaderboard, load_runs  # noqa: E402
-from granq_search.tracking.leaderboard import json_safe, plot_pareto  # noqa: E402
+from granq_search.jsonutil import json_safe  # noqa: E402
+from granq_search.tracking.plot import plot_pareto  # noqa: E402
 
 HAND_TUNED = DOCS / "qat_cifar_runs.jsonl"
 

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._doc import write_section  # noqa: E402
-from granq_search.config import load_config, preset_path, to_dict, with_overrides  # noqa: E402
+from granq_search.config import load_config, preset_path, with_overrides  # noqa: E402
 
 
 def make_config(epochs: int, iters: int):
@@ -58,6 +58,7 @@ def run_ray(cfg, teacher_state, sha, storage: Path, tag: str) -> dict:
     import ray
     from ray import tune
 
+    from granq_search.search.space import TrialConfig
     from granq_search.search.trainable import make_trainable
 
     class Timer(tune.Callback):
@@ -83,7 +84,7 @@ def run_ray(cfg, teacher_state, sha, storage: Path, tag: str) -> dict:
     t_init = time.time()
     try:
         timer = Timer()
-        fn = make_trainable(to_dict(cfg), teacher_state=teacher_state, teacher_sha256=sha, cpus_per_trial=1.0,
+        fn = make_trainable(TrialConfig(cfg), teacher_state=teacher_state, teacher_sha256=sha, cpus_per_trial=1.0,
                             gpus_per_trial=0.0)
         tuner = tune.Tuner(
             fn,

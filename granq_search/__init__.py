@@ -3,9 +3,10 @@
 The Python API (each name is imported on first use, so ``import granq_search`` stays light):
 
 - :func:`quantize` (``granq_search.api``): the fake-quantized student of your own ``nn.Module``;
-- :func:`train` / :func:`run_search`: the ``train`` and ``search`` commands, returning the
-  trainer's result and the search's outcome (``run_search`` is ``granq_search.api.search``: the
-  name ``granq_search.search`` is the ``search`` sub-package);
+- :func:`train` / ``search``: the ``train`` and ``search`` commands, returning the trainer's
+  result and the search's outcome. ``granq_search.search(space, ...)`` calls
+  ``granq_search.api.search`` (the ``search`` sub-package is callable); ``run_search`` is the same
+  function under a name that cannot be confused with the package;
 - :func:`load_student`: a trained student back from a run folder or an MLflow model URI;
 - :func:`model_factory`: declare your own model factory, named in a config by import path
   (``model.name: mymodels:small_cnn``).
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from granq_search.pipeline.student_io import load_student
 
 __version__ = "0.1.0"
-__all__ = ["GranqError", "quantize", "train", "run_search", "load_student", "model_factory", "__version__"]
+__all__ = ["GranqError", "quantize", "train", "search", "run_search", "load_student", "model_factory", "__version__"]
 
 _LAZY = {
     "quantize": ("granq_search.api", "quantize"),
@@ -38,6 +39,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "search":  # the callable sub-package: granq_search.search(space, ...) runs a search
+        return import_module("granq_search.search")
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

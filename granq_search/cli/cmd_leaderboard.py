@@ -89,7 +89,9 @@ def note_store(store: TrackingStore) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from granq_search.tracking.leaderboard import format_leaderboard, load_runs, plot_pareto
+    from granq_search.tracking.leaderboard import load_runs
+    from granq_search.tracking.plot import plot_pareto
+    from granq_search.tracking.table import format_leaderboard
 
     if args.top is not None and args.top < 1:
         raise GranqError(f"--top must be >= 1, got {args.top}")

@@ -1,23 +1,18 @@
 """A searched trial -> a complete, versioned production config with provenance.
 
-The trial's exact resolved config is its MLflow artifact ``config.yaml`` (params are the
-fallback). The search ran at a reduced fidelity recorded on the parent run: tag
-``granq.fidelity`` (JSON, dotted path -> value used while searching) and ``granq.production``
-(JSON, the base config's production value for the same paths). Unless the search budget is
-asked for, every fidelity path whose trial value is the searched one is set back to its
-production value; then ``--set`` overrides apply and the whole config is validated. The file
-is written atomically and only after everything succeeded.
+A search records its space on its MLflow parent run (tag ``granq.space``; a search recorded
+before that tag existed: the ``space`` of the search.json in its folder, tag
+``granq.search_dir``) and each trial's searched values on its child run (tag
+``granq.proposal``). The export is ``space.production_config(values)``: the base config at its
+production budget with the trial's values (``--search-budget``: ``space.trial_config(values)``,
+the budget the trial ran with); then ``--set`` overrides apply and the whole config is
+validated. The file is written atomically and only after everything succeeded.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import math
-import os
-import tempfile
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +24,6 @@ import yaml
 
 from granq_search.config import (
     ExperimentConfig,
-    check_path,
     dump_config,
     from_dict,
     get_path,
@@ -37,8 +31,9 @@ from granq_search.config import (
     to_dict,
     with_overrides,
 )
-from granq_search.errors import ConfigError, TrackingError
+from granq_search.errors import ConfigError, SearchSpaceError, TrackingError
 from granq_search.export.select import describe_rule, select_trial
+from granq_search.search.space import SearchSpace, space_from_record, space_from_text
 from granq_search.tracking.leaderboard import Leaderboard, load_runs
 from granq_search.tracking.provenance import git_commit, package_version
 from granq_search.tracking.schema import DEFAULT_EXPERIMENT, TAG
@@ -60,7 +55,7 @@ class ExportPlan:
     """Fidelity paths set to production: ``{path: {"search": v, "production": v}}``."""
 
 
-# ----------------------------------------------------------------------------- the trial's config
+# ----------------------------------------------------------------------------- the recorded search
 
 
 def _plain(v: Any) -> Any:
@@ -71,89 +66,48 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _same(a: Any, b: Any) -> bool:
-    a, b = _plain(a), _plain(b)
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
-    return a == b
-
-
-def _accepts_str(hint: Any) -> bool:
-    if hint is str:
-        return True
-    if typing.get_origin(hint) is typing.Literal:
-        return any(isinstance(a, str) for a in typing.get_args(hint))
-    return any(_accepts_str(a) for a in typing.get_args(hint) if a is not type(None))
-
-
-def _config_from_params(params: Mapping[str, str]) -> ExperimentConfig:
-    data: dict[str, Any] = {}
-    for key, raw in params.items():
+def _recorded_space(board: Leaderboard) -> tuple[SearchSpace, str]:
+    """(the search's space, where it was read): its parent run's tag ``granq.space``, else the
+    ``space`` of the search.json in its folder (searches recorded before the tag existed)."""
+    text = board.tags.get(TAG.SPACE_RECORD)
+    if text:
+        origin = f"parent run tag {TAG.SPACE_RECORD}"
         try:
-            hint = check_path(key)
-        except ConfigError:
-            continue  # not a config field (a param someone else added)
-        if dataclasses.is_dataclass(hint):
-            continue
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        if _accepts_str(hint) and not isinstance(value, str) and value is not None:
-            value = raw
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return from_dict(data)
-
-
-@contextlib.contextmanager
-def _no_progress_bar():
-    """MLflow draws a progress bar on stderr for every download; a CLI error must stay one line."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
+            return space_from_text(text, origin=f"search '{board.search}': {origin}"), origin
+        except SearchSpaceError as e:
+            raise TrackingError(str(e)) from None
+    folder = board.tags.get(TAG.SEARCH_DIR)
+    path = Path(folder) / "search.json" if folder else None
     try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def _trial_config(client, run_id: str) -> tuple[ExperimentConfig, str]:
-    """(config, source): the ``config.yaml`` artifact, else the run's params."""
-    text = None
-    with tempfile.TemporaryDirectory(prefix="granq_export_") as tmp, _no_progress_bar():
-        try:
-            local = client.download_artifacts(run_id, "config.yaml", tmp)
-            text = Path(local).read_text(encoding="utf-8")
-        except Exception:  # noqa: BLE001 - missing artifact (its upload failed): use params
-            text = None
-    if text is not None:
-        data, _ = split_document(yaml.safe_load(text), f"config.yaml of run {run_id}")
-        return from_dict(data), "artifact config.yaml"
-    run = client.get_run(run_id)
-    if not any(k.startswith("quant.") for k in run.data.params):
-        raise TrackingError(f"run {run_id} has neither a config.yaml artifact nor config params; "
-                            "it cannot be exported")
-    return _config_from_params(run.data.params), "params (config.yaml artifact missing)"
-
-
-def _json_tag(tags: Mapping[str, str], key: str) -> dict[str, Any]:
-    raw = tags.get(key)
-    if not raw:
-        return {}
+        record = json.loads(path.read_text(encoding="utf-8"))["space"] if path is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        record = None
+    if not isinstance(record, Mapping):
+        where = f"nor a readable search.json at {path}" if path is not None else "nor its search folder"
+        raise TrackingError(f"search '{board.search}' recorded no search space (no parent tag {TAG.SPACE_RECORD}, "
+                            f"{where}); it cannot be exported")
     try:
-        value = json.loads(raw)
+        return space_from_record(record, origin=str(path)), str(path)
+    except SearchSpaceError as e:
+        raise TrackingError(str(e)) from None
+
+
+def _trial_values(client, row: pd.Series, space: SearchSpace) -> dict[str, Any]:
+    """The searched values the trial of ``row`` ran with: its child run's tag ``granq.proposal``."""
+    tags = client.get_run(str(row["run_id"])).data.tags
+    raw = tags.get(TAG.PROPOSAL)
+    try:
+        values = json.loads(raw) if raw else None
     except ValueError:
-        raise TrackingError(f"parent tag {key} is not JSON ({raw[:60]!r}); the search recorded it wrongly") from None
-    if not isinstance(value, Mapping):
-        raise TrackingError(f"parent tag {key} must be a JSON object of dotted path -> value")
-    return dict(value)
+        values = None
+    if not isinstance(values, Mapping):
+        raise TrackingError(f"trial {row['trial']} (run {row['run_id']}) recorded no readable proposal (tag "
+                            f"{TAG.PROPOSAL}); it cannot be exported")
+    unknown = [p for p in values if p not in space.parameters]
+    if unknown:
+        raise TrackingError(f"trial {row['trial']}: its proposal names {', '.join(map(str, unknown))}, which the "
+                            "search's space does not search; the record was edited")
+    return dict(values)
 
 
 def _metric(row: pd.Series, key: str) -> Any:
@@ -171,7 +125,7 @@ def _metric(row: pd.Series, key: str) -> Any:
 def plan_export(tracking_uri: str, search: str | None = None, rule: str = "best", *, trial: str | None = None,
                 max_drop: float | None = None, overrides: Mapping[str, Any] | None = None,
                 production: bool = True, experiment: str = DEFAULT_EXPERIMENT, client=None) -> ExportPlan:
-    """Select the trial, rebuild its config at production budget, apply overrides, validate."""
+    """Select the trial, build its config from the recorded space, apply overrides, validate."""
     if client is None:
         from granq_search.tracking.uri import require_existing_store
         from mlflow.tracking import MlflowClient
@@ -180,32 +134,22 @@ def plan_export(tracking_uri: str, search: str | None = None, rule: str = "best"
         client = MlflowClient(tracking_uri)
     board = load_runs(tracking_uri, search, experiment=experiment, client=client)
     row = select_trial(board.df, rule, trial=trial, max_drop=max_drop, objectives=board.objectives)
-    cfg, source = _trial_config(client, str(row["run_id"]))
+    space, source = _recorded_space(board)
+    values = _trial_values(client, row, space)
 
+    searched_cfg = space.trial_config(values)
+    cfg = searched_cfg
     replaced: dict[str, dict[str, Any]] = {}
-    kept: dict[str, Any] = {}
-    fidelity = _json_tag(board.tags, TAG.FIDELITY)
-    prod_values = _json_tag(board.tags, TAG.PRODUCTION)
-    if production and fidelity:
-        missing = [p for p in fidelity if p not in prod_values]
-        if missing:
-            raise TrackingError(f"search '{board.search}' recorded search-fidelity values for {', '.join(missing)} "
-                                "but not their production values; pass them with --set or use --search-budget")
-        changes = {}
-        for path, searched in fidelity.items():
-            current = get_path(cfg, path)
-            if _same(current, searched):
-                if not _same(current, prod_values[path]):
-                    changes[path] = prod_values[path]
-                    replaced[path] = {"search": _plain(current), "production": prod_values[path]}
-            else:  # the trial itself chose this value: keep it
-                kept[path] = _plain(current)
-        if changes:
-            try:
-                cfg = with_overrides(cfg, changes)
-            except ConfigError as e:
-                raise ConfigError(f"the production budget does not validate for trial {row['trial']}: {e}; "
-                                  "fix it with --set or use --search-budget") from None
+    if production:
+        try:
+            cfg = space.production_config(values)
+        except ConfigError as e:
+            raise ConfigError(f"the production budget does not validate for trial {row['trial']}: {e}; "
+                              "fix it with --set or use --search-budget") from None
+        for path in space.fidelity:
+            searched, prod = get_path(searched_cfg, path), get_path(cfg, path)
+            if searched != prod:
+                replaced[path] = {"search": _plain(searched), "production": _plain(prod)}
     overrides = dict(overrides or {})
     if overrides:
         cfg = with_overrides(cfg, overrides)
@@ -228,14 +172,12 @@ def plan_export(tracking_uri: str, search: str | None = None, rule: str = "best"
         provenance["threads"] = int(threads)
     if replaced:
         provenance["budget_changes"] = replaced
-    if kept:
-        provenance["budget_kept"] = kept
-    if production and not fidelity:
+    if production and not space.fidelity:
         provenance["budget"] = "as searched (the search recorded no reduced fidelity)"
     if overrides:
         provenance["overrides"] = {k: _plain(v) for k, v in overrides.items()}
     provenance.update({
-        "config_source": source,
+        "config_source": f"search space ({source})",
         "package_version": searched_version or package_version(),
         "git_commit": searched_commit or git_commit(),
         "exported_with": {"package_version": package_version(), "git_commit": git_commit()},

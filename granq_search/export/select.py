@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from granq_search import metrics as M
 from granq_search.errors import TrackingError
-from granq_search.tracking.leaderboard import _objective_matrix, pareto_mask, rank
+from granq_search.tracking.pareto import objective_matrix, pareto_mask, rank
 from granq_search.tracking.schema import normalize_objectives
 
 __all__ = ["RULES", "select_trial", "describe_rule"]
@@ -48,7 +49,7 @@ def _finished(df: pd.DataFrame) -> pd.DataFrame:
 
 def _best(df: pd.DataFrame, objectives) -> pd.Series:
     fin = rank(_finished(df), objectives)
-    keys = _objective_matrix(fin, objectives)
+    keys = objective_matrix(fin, objectives)
     if not np.isfinite(keys[:, 0]).any():
         raise TrackingError(f"no finished trial reports the objective '{objectives[0]['metric']}'")
     return fin.iloc[0]
@@ -77,16 +78,16 @@ def _max_drop(df: pd.DataFrame, max_drop: float) -> pd.Series:
     if max_drop is None:
         raise TrackingError("--max-drop needs a number of accuracy points, e.g. --max-drop 1.5")
     fin = _finished(df)
-    drop = pd.to_numeric(fin["val_drop"], errors="coerce")
-    bitops = pd.to_numeric(fin["bitops"], errors="coerce")
+    drop = pd.to_numeric(fin[M.VAL_DROP], errors="coerce")
+    bitops = pd.to_numeric(fin[M.BITOPS], errors="coerce")
     ok = fin[(drop <= float(max_drop)) & bitops.notna()]
     if ok.empty:
         if drop.notna().any():
             best = fin.loc[drop.idxmin()]
             raise TrackingError(f"no finished trial has val_drop <= {max_drop:g} points; the smallest drop is "
-                                f"{best['val_drop']:.2f} (trial {best['trial']}); raise --max-drop or use --best")
+                                f"{best[M.VAL_DROP]:.2f} (trial {best['trial']}); raise --max-drop or use --best")
         raise TrackingError("no finished trial reports val_drop and bitops; use --trial ID")
-    ok = ok.assign(__b=pd.to_numeric(ok["bitops"]), __d=pd.to_numeric(ok["val_drop"]))
+    ok = ok.assign(__b=pd.to_numeric(ok[M.BITOPS]), __d=pd.to_numeric(ok[M.VAL_DROP]))
     return ok.sort_values(["__b", "__d"], kind="mergesort").drop(columns=["__b", "__d"]).iloc[0]
 
 
@@ -96,7 +97,7 @@ def _knee(df: pd.DataFrame, objectives) -> pd.Series:
     front = rank(fin[front_mask], objectives)
     if len(front) < 3:
         return _best(df, objectives)
-    v = _objective_matrix(front, objectives)  # lower is better in every column
+    v = objective_matrix(front, objectives)  # lower is better in every column
     lo, hi = v.min(axis=0), v.max(axis=0)
     span = np.where(hi > lo, hi - lo, 1.0)
     z = (v - lo) / span

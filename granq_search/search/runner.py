@@ -48,7 +48,7 @@ from typing import Any
 
 from granq_search.config import ExperimentConfig, get_path, to_dict, with_overrides
 from granq_search.errors import GranqError, SearchSpaceError
-from granq_search.search.space import SearchSpace, load_space, space_from_record
+from granq_search.search.space import SearchSpace, TrialConfig, load_space, space_from_record, space_record_text
 
 __all__ = ["run_search", "SearchOutcome", "SearchPaths", "latest_search", "read_search_record",
            "default_space_dir", "resolve_space_arg", "SearchError"]
@@ -505,7 +505,9 @@ def run_search(
             # A killed driver's last Ray snapshot may predate the end of some trials; the study
             # (written at once) has their last results: replayed, not trained again.
             replay = replayable_results(the_space, str(paths.journal), name) if resume else {}
-            fn = make_trainable(to_dict(trial_base), teacher_state=teacher_state, teacher_sha256=teacher_sha,
+            # the one builder of the trials' configs: the trainable trains with it, the recorder logs it
+            trials = TrialConfig(trial_base)
+            fn = make_trainable(trials, teacher_state=teacher_state, teacher_sha256=teacher_sha,
                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, function=trainable,
                                 replay=replay, teacher_metrics=teacher_metrics, eval_epochs=eval_epochs(the_space))
             if tracking:
@@ -513,22 +515,19 @@ def run_search(
                 from granq_search.tracking import SearchRecorder
                 from granq_search.tracking.schema import TAG
 
-                fidelity = dict(the_space.fidelity)
                 recorder = SearchRecorder(
                     tracking_uri=uri, experiment_name=store.experiment, search_name=name,
                     searched=list(the_space.parameters),
                     parent_tags={
                         "granq.space_file": the_space.source,
-                        "granq.fidelity": json.dumps(fidelity, default=str),
                         "granq.pinned": json.dumps(dict(getattr(the_space, "pinned", {}) or {}), default=str),
-                        "granq.production": json.dumps({p: get_path(the_space.base, p) for p in fidelity},
-                                                       default=str),
-                        "granq.search_dir": str(paths.root),
+                        TAG.SPACE_RECORD: space_record_text(the_space),  # what export rebuilds
+                        TAG.SEARCH_DIR: str(paths.root),
                         "granq.ray_path": ray_path,
                         TAG.TRIAL_THREADS: str(threads_for_cpus(cpus_per_trial)),
                     },
                     objectives=[{"metric": o.metric, "mode": o.mode} for o in the_space.objectives],
-                    trial_config=_TrialConfig(the_space.search_base),
+                    trial_config=trials,
                     finish_wait_s=FINISH_WAIT_S,
                 )
             if resume:
@@ -764,12 +763,5 @@ def _env(values: Mapping[str, str]):
                 os.environ[k] = v
 
 
-class _TrialConfig:
-    """Picklable ``flat params -> ExperimentConfig`` for the MLflow recorder."""
-
-    def __init__(self, search_base: ExperimentConfig) -> None:
-        self.search_base = search_base
-
-    def __call__(self, params: Mapping[str, Any]) -> ExperimentConfig:
-        return with_overrides(self.search_base, dict(params)) if params else self.search_base
+_TrialConfig = TrialConfig  # the recorder's builder in the tuner.pkl of a search started before it moved
 

@@ -6,8 +6,10 @@ weights go through the object store once, not inside every trial's config) and
 
 Inside a trial:
 
-1. the full :class:`ExperimentConfig` is rebuilt from the search base (base + fidelity, paths
-   already absolute) and the proposed values, and validated before any tensor is allocated;
+1. the full :class:`ExperimentConfig` is built by the driver's
+   :class:`~granq_search.search.space_model.TrialConfig` (the search base: base + fidelity, paths
+   already absolute; it reaches the trial as plain data, ``base_cfg``) from the proposed values,
+   and validated before any tensor is allocated: the config the MLflow record logs;
 2. the device is the one Ray assigned: ``resolve_device('auto')`` sees only the GPUs in
    ``CUDA_VISIBLE_DEVICES`` (Ray sets it) and falls back to the CPU where torch has no CUDA;
 3. torch uses as many threads as the trial was given CPUs;
@@ -29,6 +31,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from granq_search.search.space_model import TrialConfig
 
 __all__ = ["train_trial", "make_trainable", "replay_finished", "is_out_of_memory", "failure_message",
            "threads_for_cpus"]
@@ -106,7 +110,7 @@ def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
     import torch
     from ray import tune
 
-    from granq_search.config import from_dict, with_overrides
+    from granq_search.config import from_dict
     from granq_search.errors import GranqError
     from granq_search.pipeline.checkpoint import LAST
     from granq_search.pipeline.trainer import TeacherMetrics, build_setup, resolve_device, run_training
@@ -122,7 +126,7 @@ def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
     reporter: RayReporter | None = None
     try:
         try:
-            cfg = with_overrides(from_dict(dict(base_cfg)), dict(config))
+            cfg = TrialConfig(from_dict(dict(base_cfg)))(config)
         except GranqError as e:
             RayReporter(1).report_failure(f"invalid config: {e}")
             return
@@ -155,15 +159,19 @@ def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def make_trainable(base_cfg: Mapping[str, Any], *, teacher_state: Mapping[str, Any] | None,
+def make_trainable(trials: TrialConfig, *, teacher_state: Mapping[str, Any] | None,
                    teacher_sha256: str | None, cpus_per_trial: float, gpus_per_trial: float,
                    function=None, replay: Mapping[str, Mapping[str, Any]] | None = None,
                    teacher_metrics: Mapping[str, Any] | None = None, eval_epochs: Sequence[int] | None = None):
     """``tune.with_resources(tune.with_parameters(train_trial, ...), {"cpu": c, "gpu": g})``.
 
-    ``function`` replaces :func:`train_trial` (same keyword parameters); for embedding and tests.
+    ``trials`` builds every trial's config (the one the MLflow recorder is given); its search base
+    reaches the trials as plain data (``base_cfg``). ``function`` replaces :func:`train_trial`
+    (same keyword parameters); for embedding and tests.
     """
     from ray import tune
+
+    from granq_search.config import to_dict
 
     fn = function or train_trial
     extra: dict[str, Any] = {}
@@ -171,6 +179,6 @@ def make_trainable(base_cfg: Mapping[str, Any], *, teacher_state: Mapping[str, A
         extra["teacher_metrics"] = dict(teacher_metrics)
     if eval_epochs is not None:
         extra["eval_epochs"] = list(eval_epochs)
-    wrapped = tune.with_parameters(fn, base_cfg=dict(base_cfg), teacher_state=teacher_state,
+    wrapped = tune.with_parameters(fn, base_cfg=to_dict(trials.search_base), teacher_state=teacher_state,
                                    teacher_sha256=teacher_sha256, replay=dict(replay or {}), **extra)
     return tune.with_resources(wrapped, {"cpu": float(cpus_per_trial), "gpu": float(gpus_per_trial)})

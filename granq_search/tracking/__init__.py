@@ -7,21 +7,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from granq_search.tracking.leaderboard import (
-    FORMATS,
-    Leaderboard,
-    format_leaderboard,
-    list_searches,
-    load_runs,
-    pareto_mask,
-    plot_pareto,
-    rank,
-)
+from granq_search.tracking.leaderboard import Leaderboard, list_searches, load_runs
+from granq_search.tracking.pareto import pareto_mask, rank
+from granq_search.tracking.plot import plot_pareto
+from granq_search.tracking.ray_trial import failure_reason
 from granq_search.tracking.schema import DEFAULT_EXPERIMENT, DEFAULT_OBJECTIVES, TAG, normalize_objectives
+from granq_search.tracking.table import FORMATS, format_leaderboard
 from granq_search.tracking.uri import redact_uri, require_existing_store, resolve_tracking_uri
 
 if TYPE_CHECKING:  # pragma: no cover
-    from granq_search.tracking.callback import SearchRecorder, failure_reason
+    from granq_search.tracking.callback import SearchRecorder
 
 __all__ = [
     "resolve_tracking_uri",
@@ -43,7 +38,7 @@ __all__ = [
     "normalize_objectives",
 ]
 
-_LAZY = {"SearchRecorder", "failure_reason"}
+_LAZY = {"SearchRecorder"}
 
 
 def __getattr__(name: str) -> Any:

@@ -7,10 +7,9 @@ in the same process.
 
 Identity and resume
     The parent run is found by tag ``granq.search=NAME`` before one is created, so a resumed
-    search (``--resume``, a new recorder instance) reuses it. A child is found by tags
-    ``granq.search`` + ``granq.trial_id`` (and ``mlflow.parentRunId``) before one is created:
-    retries and resumes reuse it and set it back to RUNNING. Params are immutable in MLflow:
-    on reuse only params not yet logged are written; a changed value is reported, not written.
+    search (``--resume``, a new recorder instance) reuses it; a child by ``granq.trial_id`` (and
+    ``mlflow.parentRunId``): retries and resumes reuse it and set it back to RUNNING. Params are
+    immutable in MLflow: only params not yet logged are written; a changed value is reported.
 
 What is logged
     Child: named ``t07 W3A4 tau=0.40`` (:func:`granq_search.tracking.names.run_name`: the trial's
@@ -22,9 +21,8 @@ What is logged
     ``log_batch``; Ray's bookkeeping keys are not recorded; artifacts ``config.yaml`` (the
     resolved config) and ``sites.json`` (from the final report's ``sites_json``). Parent: package
     version, git commit, command line (URIs redacted), objectives (JSON), teacher name and FP
-    accuracy, the driver's tags
-    (``granq.space_file``, ``granq.fidelity``, ``granq.production``, ...), and at the end the
-    artifacts ``leaderboard.csv`` and ``pareto.png``.
+    accuracy, the driver's tags (``granq.space_file``, ``granq.fidelity``, ``granq.production``,
+    ...), and at the end the artifacts ``leaderboard.csv`` and ``pareto.png``.
 
 Closing status of every child
     ``final == 1`` seen -> FINISHED (``granq.status=finished``); completed without it (ASHA
@@ -38,17 +36,14 @@ Closing status of every child
     each trial of the search keeps exactly one (active) child.
 
 When the tracking store fails
-    Logging never stops the search, and is never silently lossy: a write that fails is kept
-    in memory, in order, and retried on the next callback (at most every ``retry_interval_s``
-    seconds; an http server is probed for 1 s first so a dead server does not stall the Tune
-    loop) and again at :meth:`finish`, which keeps retrying for ``finish_wait_s`` seconds (a
-    server being restarted). Buffer and retry; if still failing at the end, the
-    search ends with a clear message (:class:`TrackingError` from ``finish``) and ``--resume``
-    replays what is missing from Ray's results: when the experiment is restored, trials Ray
-    already holds as finished or errored but whose MLflow child is missing, open or lacks the
-    final metrics are replayed from the trial's ``result.json`` (or last result) and closed.
-    Writes MLflow rejects as invalid (HTTP 400) cannot succeed by retrying: they are dropped
-    with a warning and counted in :attr:`SearchRecorder.dropped`.
+    Logging never stops the search, and is never silently lossy: a failed write is kept in
+    memory, in order, and retried on the next callback and at :meth:`finish`, which keeps
+    retrying for ``finish_wait_s`` seconds, then raises :class:`TrackingError`
+    (:mod:`granq_search.tracking.writer`: probing, retry interval, writes MLflow rejects as
+    invalid dropped and counted in :attr:`SearchRecorder.dropped`). ``--resume`` replays what
+    is missing from Ray's results: when the experiment is restored, trials Ray already holds as
+    finished or errored but whose MLflow child is missing, open or lacks the final metrics are
+    replayed from the trial's ``result.json`` (or last result) and closed.
 
 Pickling
     Ray pickles the run config (callbacks included) into ``tuner.pkl``; after
@@ -61,41 +56,31 @@ Pickling
 from __future__ import annotations
 
 import json
-import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
 from granq_search import metrics as M
 from granq_search.config import ExperimentConfig
-from granq_search.tracking.failures import failure_reason, one_line
+from granq_search.tracking.log_redact import redacted_logger
 from granq_search.tracking.names import run_name, searched_paths
+from granq_search.tracking.ray_trial import clip_reason, failure_reason, report_step, reported_metrics, stored_results
 from granq_search.tracking.schema import DEFAULT_EXPERIMENT, METRICS, TAG, normalize_objectives
+from granq_search.tracking.search_runs import Child, Op
 from granq_search.tracking.store import quote as _quote
-from granq_search.tracking.writer import Child, Op, RedactFilter, SearchWriter
+from granq_search.tracking.writer import SearchWriter
 
 __all__ = ["SearchRecorder"]
 
-log = logging.getLogger(__name__)
-log.addFilter(RedactFilter())
+log = redacted_logger(__name__)
 
 LOST_CHILD_REASON = ("lost when the driver stopped: started after Ray's last experiment snapshot, so the "
                      "resumed search does not know this Ray trial; its configuration ran again as a new trial")
 _RAY_STATUS_OPEN = {"RUNNING", "PENDING", "PAUSED"}
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) or (
-        hasattr(v, "dtype") and hasattr(v, "item") and getattr(v, "ndim", 1) == 0)
 
 
 class SearchRecorder(Callback):
@@ -182,11 +167,11 @@ class SearchRecorder(Callback):
     @property
     def client(self):
         """The writer's ``MlflowClient``."""
-        return self._writer.client
+        return self._writer.runs.client
 
     @property
     def parent_run_id(self) -> str | None:
-        return self._writer.parent_run_id
+        return self._writer.runs.parent_run_id
 
     @property
     def pending(self) -> int:
@@ -199,7 +184,7 @@ class SearchRecorder(Callback):
         return self._writer.dropped
 
     def child_run_id(self, trial_id: str) -> str | None:
-        child = self._writer.children.get(trial_id)
+        child = self._writer.runs.children.get(trial_id)
         return child.run_id if child else None
 
     def _submit(self, *ops: Op) -> None:
@@ -222,7 +207,7 @@ class SearchRecorder(Callback):
     def _remember(self, trial: Any) -> list[str]:
         """Name the trial's child (used when it is created) and return its searched paths."""
         tid = str(trial.trial_id)
-        names = self._writer.child_names
+        names = self._writer.runs.child_names
         if tid not in names:
             searched = self.searched if self.searched is not None else \
                 searched_paths(getattr(trial, "config", None))
@@ -244,7 +229,7 @@ class SearchRecorder(Callback):
         except (TypeError, ValueError):
             pass
         ops = [Op("start", tid, {"proposal": proposal, "searched": searched, "config": cfg})]
-        recorded = self._writer.parent_tags_now
+        recorded = self._writer.runs.parent_tags_now
         if cfg is not None and TAG.TEACHER not in recorded and TAG.TEACHER not in self._requested:
             ops.append(Op("parent_tags", None, {"tags": {TAG.TEACHER: cfg.model.name}}))
             self._requested.add(TAG.TEACHER)
@@ -254,23 +239,14 @@ class SearchRecorder(Callback):
         return ops
 
     def _result_ops(self, tid: str, result: Mapping[str, Any]) -> list[Op]:
-        wanted = set(METRICS) | {o["metric"] for o in self.objectives}
-        metrics: dict[str, float] = {}
-        for k in wanted:
-            v = result.get(k)
-            if v is not None and _is_number(v):
-                metrics[k] = float(v)
-        step_src = result.get(M.EPOCH, result.get("training_iteration", 0))
-        try:
-            step = int(step_src)
-        except (TypeError, ValueError):
-            step = 0
+        metrics = reported_metrics(result, set(METRICS) | {o["metric"] for o in self.objectives})
+        step = report_step(result)
         ops = []
         if metrics:
-            ops.append(Op("metrics", tid, {"metrics": metrics, "step": step, "timestamp": _now_ms()}))
+            ops.append(Op("metrics", tid, {"metrics": metrics, "step": step, "timestamp": int(time.time() * 1000)}))
         reason = result.get("failure_reason")
         if isinstance(reason, str) and reason.strip():
-            self._failures[tid] = one_line(reason)
+            self._failures[tid] = clip_reason(reason)
         if metrics.get(M.FINAL) == 1.0:
             self._final_seen.add(tid)
             sites = result.get("sites_json")
@@ -281,7 +257,7 @@ class SearchRecorder(Callback):
                     pass
                 ops.append(Op("artifact", tid, {"name": "sites.json", "text": sites}))
             teacher = {}
-            recorded = self._writer.parent_tags_now
+            recorded = self._writer.runs.parent_tags_now
             for key, tag in ((M.TEACHER_VAL_TOP1, TAG.TEACHER_VAL), (M.TEACHER_TEST_TOP1, TAG.TEACHER_TEST)):
                 if key in metrics and math.isfinite(metrics[key]) and tag not in recorded \
                         and tag not in self._requested:
@@ -299,11 +275,11 @@ class SearchRecorder(Callback):
             return Op("close", tid, {"status": "KILLED", "label": "interrupted"})
         reported = last.get("failure_reason")
         if isinstance(reported, str) and reported.strip() and tid not in self._failures:
-            self._failures[tid] = one_line(reported)  # e.g. seen again on resume
+            self._failures[tid] = clip_reason(reported)  # e.g. seen again on resume
         if errored or tid in self._failures:
             reason = self._failures.get(tid) or failure_reason(trial)
             return Op("close", tid, {"status": "FAILED", "label": "failed", "reason": reason})
-        child = self._writer.children.get(tid)
+        child = self._writer.runs.children.get(tid)
         if tid in self._final_seen or last.get(M.FINAL) == 1 or (child is not None and child.has_final):
             return Op("close", tid, {"status": "FINISHED", "label": "finished"})
         return Op("close", tid, {"status": "KILLED", "label": "pruned"})
@@ -383,7 +359,7 @@ class SearchRecorder(Callback):
         for trial in trials or []:
             tid = str(trial.trial_id)
             status = str(getattr(trial, "status", "") or "")
-            child = self._writer.children.get(tid)
+            child = self._writer.runs.children.get(tid)
             if status in ("TERMINATED", "ERROR"):
                 last = getattr(trial, "last_result", None) or {}
                 open_child = child is None or child.status == "RUNNING"
@@ -405,16 +381,12 @@ class SearchRecorder(Callback):
             self._writer.flush(force=True)
 
     def _lost_ops(self, trials: list) -> list[Op]:
-        """Children of trials the killed driver started after Ray's last experiment snapshot.
-
-        The restored experiment does not know them (they never reach Ray again); the searcher
-        proposes their parameters to new Ray trials (which get their own child). Left in place
-        they would be counted twice and stay RUNNING: they are closed, tagged ``lost`` and
-        deleted (MLflow keeps deleted runs until ``mlflow gc``; ``mlflow.search_runs`` with
-        ``run_view_type=ALL`` still finds them)."""
+        """Children of trials the killed driver started after Ray's last experiment snapshot: Ray
+        never reports them again and their parameters go to new trials, so they are closed, tagged
+        ``lost`` and deleted (MLflow keeps deleted runs until ``mlflow gc``)."""
         known = {str(t.trial_id) for t in trials or []}
         ops = []
-        for tid, child in sorted(self._writer.children.items()):
+        for tid, child in sorted(self._writer.runs.children.items()):
             if tid not in known and child.status == "RUNNING":
                 ops.append(Op("lost", tid, {"reason": LOST_CHILD_REASON}))
         if ops:
@@ -425,19 +397,8 @@ class SearchRecorder(Callback):
 
     def _replay_ops(self, trial: Any, child: Child | None) -> list[Op]:
         tid = str(trial.trial_id)
-        logged = self._writer.logged_steps(child) if child is not None else set()
-        results: list[dict] = []
-        local = getattr(trial, "local_path", None)
-        path = Path(local, "result.json") if local else None
-        if path is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    results.append(json.loads(line))
-                except ValueError:
-                    continue
-        last = getattr(trial, "last_result", None) or {}
-        if last and (not results or results[-1].get("training_iteration") != last.get("training_iteration")):
-            results.append(dict(last))
+        logged = self._writer.runs.logged_steps(child) if child is not None else set()
+        results = stored_results(trial)
         ops: list[Op] = []
         for res in results:
             step = res.get(M.EPOCH, res.get("training_iteration"))

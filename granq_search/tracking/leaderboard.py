@@ -1,4 +1,4 @@
-"""The leaderboard of a search, read back from MLflow: ranking, Pareto front, formats, plot.
+"""The leaderboard of a search, read back from MLflow into a DataFrame, ranked, its Pareto front marked.
 
 Rows are the child runs of one search (tag ``mlflow.parentRunId``); columns follow the
 metric contract of docs/ARCHITECTURE.md:
@@ -18,27 +18,25 @@ trials. CSV and JSON name the columns by their dotted paths; the table shows sho
 (``tau``, ``lr_S``, ...) and a legend.
 
 Only finished trials (``final == 1``) are ranked and can be on the Pareto front: a pruned
-trial's metrics are under-trained and a failed trial has none.
+trial's metrics are under-trained and a failed trial has none (:mod:`~granq_search.tracking.pareto`).
+The text formats are :mod:`~granq_search.tracking.table`'s, the plot :mod:`~granq_search.tracking.plot`'s.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from granq_search import metrics as M
 from granq_search.errors import TrackingError
-from granq_search.jsonutil import json_safe
-from granq_search.tracking.names import short_labels, short_value
-from granq_search.tracking.store import search_runs_all
+from granq_search.tracking.pareto import STATUS_ORDER, pareto_mask, rank
 from granq_search.tracking.schema import DEFAULT_EXPERIMENT, TAG, normalize_objectives
+from granq_search.tracking.store import search_runs_all
 from granq_search.tracking.uri import redact_uri, require_existing_store
 
 __all__ = [
@@ -46,27 +44,19 @@ __all__ = [
     "COLUMNS",
     "load_runs",
     "list_searches",
-    "rank",
-    "pareto_mask",
-    "format_leaderboard",
-    "plot_pareto",
-    "FORMATS",
+    "searched_params",
 ]
 
-FORMATS = ("table", "csv", "markdown", "json")
-
 METRIC_COLUMNS = [
-    "rank", "trial", "status", "pareto", "val_top1", "val_drop", "test_top1", "test_drop", "bitops",
-    "size_bits", "size_kib", "compression", "act_scale_factors", "fine_fraction", "act_memory_bits", "act_mem_kib",
-    "residual_bits",
+    "rank", "trial", "status", "pareto", M.VAL_TOP1, M.VAL_DROP, M.TEST_TOP1, M.TEST_DROP, M.BITOPS,
+    M.SIZE_BITS, "size_kib", M.COMPRESSION, M.ACT_SCALE_FACTORS, M.FINE_FRACTION, M.ACT_MEMORY_BITS, "act_mem_kib",
+    M.RESIDUAL_BITS,
 ]
 BITS_COLUMNS = ["quant.weight.bits", "quant.act.bits"]
 """Always shown (a trade-off of accuracy against bits), searched or not."""
-TAIL_COLUMNS = ["epochs_run", "failure_reason", "run_name", "run_id"]
+TAIL_COLUMNS = [M.EPOCHS_RUN, "failure_reason", "run_name", "run_id"]
 COLUMNS = METRIC_COLUMNS + BITS_COLUMNS + TAIL_COLUMNS
 """The fixed columns; a search's own parameters come between the bits and the tail."""
-
-STATUS_ORDER = ("finished", "pruned", "running", "interrupted", "failed")
 
 
 @dataclass
@@ -227,10 +217,11 @@ def load_runs(tracking_uri: str, search: str | None = None, experiment: str = DE
     teacher: dict[str, Any] = {}
     if tags.get(TAG.TEACHER):
         teacher["name"] = tags[TAG.TEACHER]
-    for key, tag in (("val_top1", TAG.TEACHER_VAL), ("test_top1", TAG.TEACHER_TEST)):
+    for key, tag, metric in (("val_top1", TAG.TEACHER_VAL, M.TEACHER_VAL_TOP1),
+                             ("test_top1", TAG.TEACHER_TEST, M.TEACHER_TEST_TOP1)):
         value = _float(tags.get(tag))
         if not math.isfinite(value):  # fall back to any child's final report
-            vals = [c.data.metrics.get(f"teacher_{key}") for c in children]
+            vals = [c.data.metrics.get(metric) for c in children]
             vals = [v for v in vals if v is not None and math.isfinite(v)]
             value = vals[0] if vals else float("nan")
         if math.isfinite(value):
@@ -262,392 +253,39 @@ def _row(run, teacher: Mapping[str, Any], parent_open: bool, params: Sequence[st
         run.info.status, "running")
     if status in ("retrying", "running") or run.info.status == "RUNNING":
         status = "running" if parent_open else "interrupted"
-    final = m.get("final") == 1.0
-    val = m.get("best_val_top1", m.get("val_top1", float("nan")))
-    if final and "val_drop" in m:
-        drop = m["val_drop"]
+    nan = float("nan")
+    final = m.get(M.FINAL) == 1.0
+    val = m.get(M.BEST_VAL_TOP1, m.get(M.VAL_TOP1, nan))
+    if final and M.VAL_DROP in m:
+        drop = m[M.VAL_DROP]
     elif "val_top1" in teacher:
         drop = teacher["val_top1"] - val
     else:
-        drop = m.get("val_drop", float("nan"))
-    test = m.get("best_test_top1", m.get("test_top1", float("nan")))
-    test_drop = m.get("test_drop", teacher["test_top1"] - test if "test_top1" in teacher else float("nan"))
-    size_bits = m.get("size_bits", float("nan"))
+        drop = m.get(M.VAL_DROP, nan)
+    test = m.get(M.BEST_TEST_TOP1, m.get(M.TEST_TOP1, nan))
+    test_drop = m.get(M.TEST_DROP, teacher["test_top1"] - test if "test_top1" in teacher else nan)
+    size_bits = m.get(M.SIZE_BITS, nan)
     row: dict[str, Any] = {
         "trial": t.get(TAG.TRIAL_ID, run.info.run_name),
         "status": status,
-        "val_top1": val,
-        "val_drop": drop,
-        "test_top1": test,
-        "test_drop": test_drop,
-        "bitops": m.get("bitops", float("nan")),
-        "size_bits": size_bits,
+        M.VAL_TOP1: val,
+        M.VAL_DROP: drop,
+        M.TEST_TOP1: test,
+        M.TEST_DROP: test_drop,
+        M.BITOPS: m.get(M.BITOPS, nan),
+        M.SIZE_BITS: size_bits,
         "size_kib": size_bits / 8192.0,
-        "compression": m.get("compression", float("nan")),
-        "act_scale_factors": m.get("act_scale_factors", float("nan")),
-        "fine_fraction": m.get("fine_fraction", float("nan")),
-        "act_memory_bits": m.get("act_memory_bits", float("nan")),
-        "act_mem_kib": m.get("act_memory_bits", float("nan")) / 8192.0,
-        "residual_bits": m.get("residual_bits", float("nan")),
+        M.COMPRESSION: m.get(M.COMPRESSION, nan),
+        M.ACT_SCALE_FACTORS: m.get(M.ACT_SCALE_FACTORS, nan),
+        M.FINE_FRACTION: m.get(M.FINE_FRACTION, nan),
+        M.ACT_MEMORY_BITS: m.get(M.ACT_MEMORY_BITS, nan),
+        "act_mem_kib": m.get(M.ACT_MEMORY_BITS, nan) / 8192.0,
+        M.RESIDUAL_BITS: m.get(M.RESIDUAL_BITS, nan),
     }
     for key in params:
         row[key] = _param(p, key)
-    row["epochs_run"] = m.get("epochs_run", m.get("epoch", float("nan")))
+    row[M.EPOCHS_RUN] = m.get(M.EPOCHS_RUN, m.get(M.EPOCH, nan))
     row["failure_reason"] = t.get(TAG.FAILURE, "") if status == "failed" else ""
     row["run_name"] = run.info.run_name or ""
     row["run_id"] = run.info.run_id
     return row
-
-
-# ----------------------------------------------------------------------------- ranking
-
-
-def _objective_matrix(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]]) -> np.ndarray:
-    """Objective values oriented so that lower is better, shape (rows, objectives)."""
-    cols = []
-    for obj in normalize_objectives(objectives):
-        if obj["metric"] not in df.columns:
-            raise TrackingError(f"objective '{obj['metric']}' is not a leaderboard column; "
-                                f"columns: {', '.join(df.columns)}")
-        v = pd.to_numeric(df[obj["metric"]], errors="coerce").to_numpy(dtype=float)
-        cols.append(-v if obj["mode"] == "max" else v)
-    return np.stack(cols, axis=1) if cols else np.zeros((len(df), 0))
-
-
-def rank(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]]) -> pd.DataFrame:
-    """Finished trials first, best first objective first (later objectives break ties);
-    the others after them by status. Adds ``rank`` (1.. for finished trials, else <NA>)."""
-    objectives = normalize_objectives(objectives)
-    out = df.drop(columns=["rank"], errors="ignore").copy()
-    if out.empty:
-        out.insert(0, "rank", pd.Series(dtype="Int64"))
-        return out
-    keys = _objective_matrix(out, objectives)
-    order_status = out["status"].map({s: i for i, s in enumerate(STATUS_ORDER)}).fillna(len(STATUS_ORDER))
-    sort_cols = {"__status": order_status.to_numpy()}
-    for i in range(keys.shape[1]):
-        col = keys[:, i].copy()
-        col[~np.isfinite(col)] = np.inf  # missing values last
-        sort_cols[f"__k{i}"] = col
-    tmp = pd.DataFrame(sort_cols, index=out.index)
-    if "trial" in out.columns:
-        tmp["__trial"] = out["trial"].astype(str)
-    order = tmp.sort_values(list(tmp.columns), kind="mergesort").index
-    out = out.loc[order].reset_index(drop=True)
-    finished = (out["status"] == "finished").to_numpy()
-    ranks = pd.array([pd.NA] * len(out), dtype="Int64")
-    ranks[finished] = np.arange(1, int(finished.sum()) + 1)
-    out.insert(0, "rank", ranks)
-    return out
-
-
-def pareto_mask(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]]) -> pd.Series:
-    """True for finished trials no other finished trial dominates (<= in every objective and
-    < in one, after orienting max objectives). Equal points do not dominate each other; rows
-    with a missing objective value are never on the front."""
-    if df.empty:
-        return pd.Series([], dtype=bool, index=df.index)
-    vals = _objective_matrix(df, objectives)
-    ok = (df["status"] == "finished").to_numpy() & np.isfinite(vals).all(axis=1)
-    mask = np.zeros(len(df), dtype=bool)
-    cand = vals[ok]
-    idx = np.flatnonzero(ok)
-    for pos, i in enumerate(idx):
-        v = vals[i]
-        dominated = np.any(np.all(cand <= v, axis=1) & np.any(cand < v, axis=1))
-        mask[i] = not dominated
-    return pd.Series(mask, index=df.index, name="pareto")
-
-
-# ----------------------------------------------------------------------------- formats
-
-
-def _select(board: Leaderboard | pd.DataFrame, all_trials: bool, top: int | None) -> pd.DataFrame:
-    df = board.df if isinstance(board, Leaderboard) else board
-    if not all_trials:
-        df = df[df["status"] == "finished"]
-    if top is not None:
-        df = df.head(max(int(top), 0))
-    return df
-
-
-def _si(x: float) -> str:
-    if x is None or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return "-"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def _num(x: Any, fmt: str) -> str:
-    if x is None or x is pd.NA:
-        return "-"
-    try:
-        xf = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if not math.isfinite(xf):
-        return "-"
-    return format(xf, fmt)
-
-
-def _missing(x: Any) -> bool:
-    return x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x))
-
-
-def _param_columns(df: pd.DataFrame, board: Leaderboard | None) -> list[str]:
-    """The configuration columns of ``df`` shown one by one (the bits are one ``W/A`` column)."""
-    params = board.params if board is not None else [c for c in df.columns if "." in str(c)]
-    return [c for c in params if c in df.columns and c not in BITS_COLUMNS]
-
-
-def _cell(df_row: Mapping[str, Any], col: str) -> str:
-    value = df_row.get(col)
-    if _missing(value):
-        return "-"
-    if col == "quant.act.threshold" and df_row.get("quant.act.granularity") not in (None, "threshold"):
-        return "-"  # tau only matters where it chooses the granularity
-    return short_value(value)
-
-
-def _display_rows(df: pd.DataFrame, reason_width: int | None,
-                  board: Leaderboard | None = None) -> tuple[list[str], list[list[str]], list[bool]]:
-    params = _param_columns(df, board)
-    labels = short_labels(params)
-    headers = ["rank", "trial", "status", "front", "val top1", "val drop", "test top1", "BitOPs", "KiB",
-               "compr", "act KiB", "resid", "W/A"] + [labels[c] for c in params] + ["epochs"]
-    numeric = [True, False, False, False, True, True, True, True, True, True, True, True, False] + \
-        [bool(pd.api.types.is_numeric_dtype(df[c])) and not pd.api.types.is_bool_dtype(df[c]) for c in params] + [True]
-    show_reason = bool(df["failure_reason"].astype(str).str.len().gt(0).any()) if len(df) else False
-    if show_reason:
-        headers.append("failure reason")
-        numeric.append(False)
-    rows = []
-    for record in df.to_dict(orient="records"):
-        r = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.items()}
-        bits = f"{_num(r.get('quant.weight.bits'), '.0f')}/{_num(r.get('quant.act.bits'), '.0f')}"
-        rank_ = r.get("rank")
-        compression = _num(r.get("compression"), ".1f")
-        cells = [
-            "" if _missing(rank_) else str(rank_),
-            str(r.get("trial")), str(r.get("status")), "*" if r.get("pareto") is True else "",
-            _num(r.get("val_top1"), ".2f"), _num(r.get("val_drop"), ".2f"), _num(r.get("test_top1"), ".2f"),
-            _si(r.get("bitops")), _num(r.get("size_kib"), ".1f"), compression + ("x" if compression != "-" else ""),
-            _num(r.get("act_mem_kib"), ".0f"),
-            "fp" if r.get("residual_bits") == 32 else _num(r.get("residual_bits"), ".0f"),
-            bits, *[_cell(r, c) for c in params], _num(r.get("epochs_run"), ".0f"),
-        ]
-        if show_reason:
-            reason = str(r.get("failure_reason") or "")
-            if reason_width and len(reason) > reason_width:
-                reason = reason[: reason_width - 3] + "..."
-            cells.append(reason)
-        rows.append(cells)
-    return headers, rows, numeric
-
-
-def _legend(df: pd.DataFrame, board: Leaderboard | None) -> str:
-    params = _param_columns(df, board)
-    labels = short_labels(params)
-    pairs = [f"{labels[c]} = {c}" for c in params if labels[c] != c]
-    return ("columns: W/A = quant.weight.bits/quant.act.bits" + "".join(f", {p}" for p in pairs)
-            + " (CSV and JSON use the dotted names)")
-
-
-def _header_lines(board: Leaderboard | None) -> list[str]:
-    if board is None:
-        return []
-    counts = ", ".join(f"{n} {s}" for s, n in board.counts().items())
-    objs = ", ".join(f"{o['metric']} ({o['mode']})" for o in board.objectives)
-    lines = [f"search '{board.search}': {counts}; objectives: {objs}"]
-    try:
-        pinned = json.loads(board.tags.get("granq.pinned") or "{}")
-    except ValueError:
-        pinned = {}
-    if isinstance(pinned, Mapping) and pinned:
-        lines.append("pinned: " + ", ".join(f"{k}={short_value(v)}" for k, v in pinned.items()))
-    t = board.teacher
-    if t:
-        parts = [t.get("name", "teacher")]
-        if "val_top1" in t:
-            parts.append(f"val top-1 {t['val_top1']:.2f}%")
-        if "test_top1" in t:
-            parts.append(f"test top-1 {t['test_top1']:.2f}%")
-        lines.append("FP teacher: " + ", ".join(parts))
-    return lines
-
-
-def _footer(board: Leaderboard | None, shown: pd.DataFrame, all_trials: bool) -> list[str]:
-    lines = ["front = * : on the Pareto front (finished trials only); val top-1 is the best epoch's, "
-             "test top-1 that student's"]
-    legend = _legend(shown, board)
-    if legend:
-        lines.append(legend)
-    if board is not None and not all_trials:
-        hidden = len(board.df) - int((board.df["status"] == "finished").sum())
-        if hidden:
-            lines.append(f"{hidden} unfinished trial(s) (pruned, failed, running) not shown; --all shows them")
-    return lines
-
-
-def format_leaderboard(board: Leaderboard | pd.DataFrame, fmt: str = "table", *, top: int | None = None,
-                       all_trials: bool = False) -> str:
-    """The leaderboard as text: ``table`` (fixed width), ``csv``, ``markdown`` or ``json``
-    (one document). Finished trials only unless ``all_trials``; ``top`` keeps the first K."""
-    if fmt not in FORMATS:
-        raise TrackingError(f"unknown leaderboard format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    lb = board if isinstance(board, Leaderboard) else None
-    df = _select(board, all_trials, top)
-    if fmt == "csv":
-        buf = io.StringIO()
-        df.to_csv(buf, index=False, float_format="%.6g")
-        return buf.getvalue()
-    if fmt == "json":
-        doc: dict[str, Any] = {}
-        if lb is not None:
-            doc.update(search=lb.search, parent_run_id=lb.parent_run_id, tracking_uri=lb.tracking_uri,
-                       experiment=lb.experiment, objectives=lb.objectives, searched=lb.searched,
-                       teacher=lb.teacher, counts=lb.counts())
-        records = df.astype(object).where(df.notna(), None).to_dict(orient="records")
-        doc["trials"] = records
-        return json.dumps(json_safe(doc), indent=2) + "\n"
-    headers, rows, numeric = _display_rows(df, 60 if fmt == "table" else None, lb)
-    if fmt == "markdown":
-        esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-        out = [f"**{esc(line)}**  " for line in _header_lines(lb)[:1]] + \
-              [f"{esc(line)}  " for line in _header_lines(lb)[1:]]
-        if out:
-            out.append("")
-        out.append("| " + " | ".join(headers) + " |")
-        out.append("|" + "|".join("---:" if n else ":---" for n in numeric) + "|")
-        out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-        for note in _footer(lb, df, all_trials):
-            out += ["", esc(note)]
-        return "\n".join(out) + "\n"
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric)).rstrip()
-
-    out = _header_lines(lb)
-    if out:
-        out.append("")
-    out.append(line(headers))
-    out.append("  ".join("-" * w for w in widths))
-    out += [line(r) for r in rows]
-    if not rows:
-        out.append("(no finished trials yet)" if not all_trials else "(no trials)")
-    out += [""] + _footer(lb, df, all_trials)
-    return "\n".join(out) + "\n"
-
-
-# ----------------------------------------------------------------------------- plot
-
-
-def _short(trial: str) -> str:
-    trial = str(trial)
-    return trial if len(trial) <= 14 else trial[-8:]
-
-
-def plot_pareto(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]], path: str | Path, *,
-                search: str | None = None, teacher: Mapping[str, Any] | None = None) -> Path:
-    """Scatter of validation top-1 (or -drop) against bit-operations (log x) with the
-    Pareto front of finished trials as a highlighted step line; writes a PNG."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, Agg output
-
-    objectives = normalize_objectives(objectives)
-    teacher = dict(teacher or {})
-    acc_like = {"val_top1", "val_drop", "test_top1", "test_drop"}
-    cost = next((o["metric"] for o in objectives if o["metric"] not in acc_like and o["metric"] in df.columns),
-                "bitops")
-    use_acc = "val_top1" in df.columns and pd.to_numeric(df["val_top1"], errors="coerce").notna().any()
-    ycol = "val_top1" if use_acc else "val_drop"
-    x = pd.to_numeric(df.get(cost, pd.Series(np.nan, index=df.index)), errors="coerce")
-    y = pd.to_numeric(df.get(ycol, pd.Series(np.nan, index=df.index)), errors="coerce")
-    if not use_acc:
-        y = -y
-    status = df["status"] if "status" in df.columns else pd.Series("finished", index=df.index)
-    front = df["pareto"].astype(bool) if "pareto" in df.columns else pareto_mask(df, objectives)
-    plottable = x.notna() & y.notna() & np.isfinite(x) & np.isfinite(y)
-
-    fig = Figure(figsize=(9, 5.8), dpi=120)
-    ax = fig.subplots()
-    groups = [
-        ("finished", (status == "finished") & ~front, dict(marker="o", s=36, color="#4C72B0", alpha=0.75,
-                                                            label="finished")),
-        ("pruned", status == "pruned", dict(marker="x", s=30, color="#8C8C8C", alpha=0.8,
-                                             label="pruned (stopped early, not ranked)")),
-        ("running", status.isin(["running", "interrupted"]), dict(marker="o", s=30, facecolors="none",
-                                                                   edgecolors="#8C8C8C",
-                                                                   label="running / interrupted")),
-        ("failed", status == "failed", dict(marker="X", s=40, color="#C44E52", label="failed")),
-    ]
-    for _, mask, style in groups:
-        sel = mask & plottable
-        if sel.any():
-            ax.scatter(x[sel], y[sel], zorder=2, **style)
-    fsel = front & plottable
-    if fsel.any():
-        fx, fy = x[fsel].to_numpy(), y[fsel].to_numpy()
-        order = np.lexsort((-fy, fx))
-        fx, fy = fx[order], fy[order]
-        ax.step(fx, fy, where="post", color="#DD8452", lw=2, zorder=3)
-        ax.scatter(fx, fy, s=90, color="#DD8452", edgecolors="black", linewidths=0.8, zorder=4,
-                   label="Pareto front (finished)")
-        rows = df[fsel].iloc[order]
-        grans = {g for g in rows.get("quant.act.granularity", pd.Series(dtype=object)) if isinstance(g, str)}
-        labels: dict[tuple[float, float], list[str]] = {}
-        for xi, yi, (_, r) in zip(fx, fy, rows.iterrows()):
-            desc = ""
-            w, a = r.get("quant.weight.bits"), r.get("quant.act.bits")
-            if not _missing(w) and not _missing(a):
-                desc = f"W{int(w)}A{int(a)}"
-            if len(grans) > 1 and isinstance(r.get("quant.act.granularity"), str):  # only when it varies
-                desc += f" {short_value(r['quant.act.granularity'])}"
-            labels.setdefault((float(xi), float(yi)), []).append((_short(r["trial"]), desc))
-        for (xi, yi), items in labels.items():  # coincident points share one label
-            ids = ", ".join(i for i, _ in items)
-            descs = list(dict.fromkeys(d for _, d in items if d))
-            text = ids + (f"\n{' / '.join(descs)}" if descs else "")
-            ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(7, -4), va="top", fontsize=7.5,
-                        color="#5A3A1A", zorder=5)
-    ref = teacher.get("val_top1")
-    if use_acc and ref is not None and math.isfinite(ref):
-        ax.axhline(ref, color="black", ls="--", lw=1, zorder=1,
-                   label=f"FP teacher{' ' + teacher['name'] if teacher.get('name') else ''} ({ref:.2f}%)")
-    elif not use_acc and ref is not None:
-        ax.axhline(0.0, color="black", ls="--", lw=1, zorder=1, label="FP teacher (no drop)")
-    if plottable.any() and (x[plottable] > 0).all():
-        from matplotlib.ticker import FuncFormatter
-
-        ax.set_xscale("log")
-        si = FuncFormatter(lambda v, _pos: _si(v))
-        ax.xaxis.set_major_formatter(si)
-        ax.xaxis.set_minor_formatter(si if x[plottable].max() / x[plottable].min() < 30 else FuncFormatter(
-            lambda v, _pos: ""))
-        ax.tick_params(axis="x", which="both", labelsize=8)
-    ax.margins(x=0.08, y=0.1)
-    nice = {"bitops": "bit-operations (BitOPs, log scale)", "size_bits": "model size (bits, log scale)",
-            "latency_ms": "latency (ms, log scale)"}
-    ax.set_xlabel(nice.get(cost, cost))
-    ax.set_ylabel("best validation top-1 (%)" if use_acc else "-(validation drop) (points)")
-    n = {s: int((status == s).sum()) for s in ("finished", "pruned", "failed", "running", "interrupted")}
-    missing = status[~plottable].value_counts()
-    not_plotted = ", ".join(f"{n} {s}" for s, n in missing.items())
-    counts = ", ".join(f"{v} {k}" for k, v in n.items() if v)
-    what = "BitOPs" if cost == "bitops" else cost
-    sub = counts + (f"; not plotted (no {what} or accuracy recorded): {not_plotted}" if not_plotted else "")
-    ax.set_title(f"Pareto front of search '{search}'" if search else "Pareto front", fontsize=12)
-    fig.text(0.5, 0.005, sub, ha="center", va="bottom", fontsize=8.5, color="#444444")
-    if not plottable.any():
-        ax.text(0.5, 0.5, "no trial with metrics yet", transform=ax.transAxes, ha="center", va="center",
-                color="#888888")
-    ax.grid(True, which="both", alpha=0.25)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8, framealpha=0.9)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path

@@ -1,22 +1,26 @@
-"""What the recorder reads from a Ray trial object (no Ray import): why it failed, its results.
+"""What the recorder reads from a Ray trial and its reports (no Ray import): why it failed, its
+results and the metrics in them.
 
 :func:`failure_reason` is the line a FAILED child is tagged with (``granq.failure_reason``, at
 most :data:`MAX_REASON` characters): the exception line of the exception Ray holds for the
 trial, else of its error file (a traceback, or Ray's ``Failure # N`` sections), else Ray's
 error message. :func:`stored_results` are the reports Ray kept for a trial (``result.json``,
-then its last result), replayed into MLflow after ``--resume``.
+then its last result), replayed into MLflow after ``--resume``. :func:`reported_metrics` and
+:func:`report_step` are what a report (a Ray result dict) puts into MLflow.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from granq_search import metrics as M
 from granq_search.tracking.mlflow_io import MAX_REASON
 
-__all__ = ["failure_reason", "clip_reason", "stored_results", "MAX_REASON"]
+__all__ = ["failure_reason", "clip_reason", "stored_results", "reported_metrics", "report_step", "MAX_REASON"]
 
 _EXC_LINE = re.compile(
     r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Diverged|Failure|Warning)\b.*")
@@ -97,3 +101,27 @@ def stored_results(trial: Any) -> list[dict]:
     if last and (not results or results[-1].get("training_iteration") != last.get("training_iteration")):
         results.append(dict(last))
     return results
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) or (
+        hasattr(v, "dtype") and hasattr(v, "item") and getattr(v, "ndim", 1) == 0)
+
+
+def reported_metrics(result: Mapping[str, Any], names: Iterable[str]) -> dict[str, float]:
+    """The numeric values of ``result`` under ``names`` (Ray's bookkeeping keys are left out by
+    not naming them; strings, None and flags are not metrics)."""
+    metrics: dict[str, float] = {}
+    for k in names:
+        v = result.get(k)
+        if v is not None and _is_number(v):
+            metrics[k] = float(v)
+    return metrics
+
+
+def report_step(result: Mapping[str, Any]) -> int:
+    """The step of a report in MLflow: its ``epoch``, else Ray's ``training_iteration``, else 0."""
+    try:
+        return int(result.get(M.EPOCH, result.get("training_iteration", 0)))
+    except (TypeError, ValueError):
+        return 0

@@ -4,12 +4,14 @@ Tags on the parent run of a search:
     granq.kind=search, granq.search=NAME, granq.objectives (JSON list of {metric, mode}),
     granq.version, granq.git_commit, granq.git_dirty, granq.command (redacted),
     granq.teacher, granq.teacher_val_top1, granq.teacher_test_top1,
-    granq.fidelity / granq.production (JSON dotted path -> value; set by the driver),
+    granq.space (the search space's record, :func:`granq_search.search.space.space_record_text`;
+    what ``export`` rebuilds the configs from), granq.search_dir (the search's folder; set by the driver),
     granq.trial_threads (torch CPU threads of every trial; set by the driver),
     granq.status (running/finished/interrupted/failed) and whatever the driver adds.
 Tags on a child (one per Ray trial):
     granq.kind=trial, granq.search=NAME, granq.trial_id=ID, mlflow.parentRunId,
-    granq.status (running/finished/pruned/failed/interrupted), granq.failure_reason.
+    granq.status (running/finished/pruned/failed/interrupted), granq.failure_reason,
+    granq.proposal (JSON: the searched values the trial ran with; ``export`` reads them).
 Both: granq.searched (JSON list of the dotted config paths the search varies).
 """
 
@@ -61,10 +63,11 @@ class TAG:
     TEACHER = "granq.teacher"
     TEACHER_VAL = "granq.teacher_val_top1"
     TEACHER_TEST = "granq.teacher_test_top1"
-    FIDELITY = "granq.fidelity"
-    PRODUCTION = "granq.production"
+    SPACE_RECORD = "granq.space"
+    SEARCH_DIR = "granq.search_dir"
     TRIAL_THREADS = "granq.trial_threads"
     SEARCHED = "granq.searched"
+    PROPOSAL = "granq.proposal"
 
 
 class TRAIN_TAG:

@@ -131,17 +131,27 @@ def test_package_exports_are_lazy_and_stay_functions():
         "names = {n: callable(getattr(granq_search, n)) for n in granq_search.__all__ if n != '__version__'}\n"
         "import granq_search.search.runner\n"  # binds the attribute 'search' to the sub-package
         "after = callable(granq_search.run_search) and granq_search.run_search.__module__ == 'granq_search.api'\n"
+        "after = after and callable(granq_search.search) and hasattr(granq_search.search, 'load_space')\n"
         "print(json.dumps({'light': light, 'names': names, 'after': after}))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout.strip().splitlines()[-1])
     assert doc["light"] == []  # `import granq_search` imports none of the heavy libraries
-    assert doc["names"] == {n: True for n in ("GranqError", "quantize", "train", "run_search", "load_student",
+    assert doc["names"] == {n: True for n in ("GranqError", "quantize", "train", "search", "run_search", "load_student",
                                               "model_factory")}
     assert doc["after"] is True
     with pytest.raises(AttributeError):
         granq_search.no_such_name  # noqa: B018
+
+
+def test_the_search_package_runs_a_search_when_called(tmp_path):
+    """``granq_search.search(space, ...)`` is the API's search: a bad space fails the way the command does."""
+    from granq_search.errors import GranqError
+
+    with pytest.raises(GranqError, match="no search space named 'no_such_space'"):
+        granq_search.search("no_such_space", output_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing half-written
 
 
 def test_code_roots_are_the_folders_the_workers_need(tmp_path, monkeypatch):

@@ -199,7 +199,7 @@ def test_recorder_logs_and_records_no_credentials(tmp_path, caplog):
         raise ConnectionError("API request to https://al:ice-secret@mlflow.example/api failed")
 
     rec.client.log_batch = broken
-    with caplog.at_level(logging.WARNING, logger="granq_search.tracking.callback"):
+    with caplog.at_level(logging.WARNING, logger="granq_search.tracking.writer"):
         rec._submit(rec._result_ops("t1", {"epoch": 1, "val_top1": 50.0})[0])
         rec.on_trial_result(0, [], type("T", (), {"trial_id": "t1", "config": {}})(), {"epoch": 2, "val_top1": 1.0})
     assert rec.pending and "buffered" in caplog.text

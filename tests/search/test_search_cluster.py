@@ -84,7 +84,7 @@ def test_fractional_gpus_pack_four_trials_on_two_logical_gpus(tmp_path, cluster)
     assert result["final"] == 1.0 and result["device"] == "cpu"
 
 
-def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, cluster):
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, cluster, capfd):
     address = cluster.start([{"num_cpus": 1}, {"num_cpus": 1}])  # one trial fits on each node
     space = space_file(tmp_path, {"train.epochs": 2, "train.warmup_epochs": 1, "train.iters_per_epoch": 2},
                        {"quant.act.bits": {"type": "categorical", "choices": [3, 4]}},
@@ -95,3 +95,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, cluster):
     nodes = {r["node_id"] for r in last_results(out)}
     assert len(nodes) == 2  # the real trainable reports the node it ran on
     assert out.best_config and Path(out.best_config).is_file()
+    # the address passed the pre-Ray probe (a real GCS with token auth); this minimal Ray install
+    # runs no dashboard on the cluster, and the driver says so
+    assert out.dashboard_url is None
+    assert "Ray dashboard: the cluster reports none" in capfd.readouterr().err

@@ -9,7 +9,13 @@ import pytest
 import yaml
 
 from granq_search.errors import SearchSpaceError
-from granq_search.search.space import load_space, space_from_record
+from granq_search.search.space import (
+    TrialConfig,
+    load_space,
+    space_from_record,
+    space_from_text,
+    space_record_text,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -161,6 +167,41 @@ def test_record_round_trip(tmp_path):
     assert again.base == space.base and again.search_base == space.search_base
     assert again.parameters == space.parameters and again.objectives == space.objectives
     assert again.initial_points == space.initial_points
+
+
+def test_the_trial_config_builder_is_the_spaces_and_pickles(tmp_path):
+    import pickle
+
+    space = load_space(write(tmp_path, GOOD))
+    params = {"quant.act.bits": 3, "optim.student.lr": 2e-3}
+    trials = pickle.loads(pickle.dumps(TrialConfig(space.search_base)))
+    assert trials(params) == space.trial_config(params) and trials({}) == space.search_base
+    production = space.production_config(params)
+    assert production.quant == trials(params).quant and production.optim == trials(params).optim
+    assert (production.train.epochs, trials(params).train.epochs) == (8, 4)  # fidelity: the search's only
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "search_spaces").glob("*.yaml")))
+def test_recorded_text_rebuilds_the_shipped_spaces(name):
+    space = load_space(REPO / "search_spaces" / name, {"data.batch_size": 32})
+    text = space_record_text(space)
+    assert text.startswith("{") and len(text) <= 8000  # readable JSON in an MLflow tag
+    again = space_from_text(text, origin="tag")
+    assert again.to_record() == space.to_record() and again.base == space.base
+    assert again.search_base == space.search_base and again.parameters == space.parameters
+
+
+def test_a_long_record_text_is_compressed(tmp_path):
+    space = load_space(write(tmp_path, GOOD))
+    text = space_record_text(space, limit=1500)
+    assert text.startswith("zlib+base64:") and len(text) <= 1500
+    assert space_from_text(text, origin="tag").to_record() == space.to_record()
+    with pytest.raises(SearchSpaceError, match="too large to record on its MLflow run"):
+        space_record_text(space, limit=100)
+    for bad, words in (("{nope", "not a search-space record"), ("zlib+base64:%%", "not a search-space record"),
+                       ("[1, 2]", "a JSON object"), ('{"raw": {}}', "no 'base_config'")):
+        with pytest.raises(SearchSpaceError, match=f"^the tag: .*{words}"):
+            space_from_text(bad, origin="the tag")
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "search_spaces").glob("*.yaml")))

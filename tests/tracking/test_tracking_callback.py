@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from granq_search.config import flatten
 from granq_search.errors import TrackingError
-from granq_search.tracking.callback import failure_reason
+from granq_search.tracking.ray_trial import failure_reason
 from granq_search.tracking.schema import TAG
 from tracking_helpers import FakeTrial, epoch_result, make_recorder, runs_of, trial_config
 
@@ -242,7 +242,7 @@ def test_finish_reports_unrecorded_writes(store, monkeypatch):
 
     rec.client.log_batch = broken
     rec.on_trial_result(0, [t], t, epoch_result(1, 81.0))
-    monkeypatch.setattr("granq_search.tracking.callback.time.sleep", lambda s: None)
+    monkeypatch.setattr("granq_search.tracking.writer.time.sleep", lambda s: None)
     with pytest.raises(TrackingError, match=r"could not be recorded .* rerun with --resume"):
         rec.finish()
     assert rec.pending >= 1

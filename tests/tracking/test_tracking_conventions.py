@@ -45,7 +45,7 @@ def env_store(tmp_path, _template_db, monkeypatch):
     d.mkdir()
     shutil.copy(_template_db, d / "team.db")
     uri = f"sqlite:///{d / 'team.db'}"
-    make_hand_made_search(uri, "hand", experiment="team_x")
+    make_hand_made_search(uri, "hand", experiment="team_x", with_space=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team_x")
     return uri

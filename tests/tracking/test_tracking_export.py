@@ -1,20 +1,25 @@
-"""Export rules on the hand-made search, the written YAML, and the CLI's error paths."""
+"""Export rules on the hand-made search, the written YAML, the CLI's error paths, and on a real
+search: the config.yaml a trial's run holds is the config it ran, export is the space's
+production_config of the trial's values."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
 from granq_search.cli import main as cli_main
-from granq_search.config import ConfigError, load_config
+from granq_search.config import ConfigError, from_dict, load_config, split_document, with_overrides
 from granq_search.errors import TrackingError
-from granq_search.export import export_config, select_trial
+from granq_search.export import export_config, plan_export, select_trial
+from granq_search.search.space import space_from_record, space_from_text
 from granq_search.tracking import load_runs
-from tracking_helpers import OBJECTIVES, make_hand_made_search
+from granq_search.tracking.schema import TAG
+from tracking_helpers import OBJECTIVES, hand_space, make_hand_made_search, runs_of
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +28,9 @@ def hand(_template_db, tmp_path_factory):
     d = tmp_path_factory.mktemp("export_store")
     shutil.copy(_template_db, d / "mlflow.db")
     uri = f"sqlite:///{d / 'mlflow.db'}"
-    make_hand_made_search(uri, "hand")
-    make_hand_made_search(uri, "noconf", with_configs=False, start_offset_ms=-60_000)
-    make_hand_made_search(uri, "empty", trials={}, start_offset_ms=-120_000)
+    make_hand_made_search(uri, "hand", with_space=True)
+    make_hand_made_search(uri, "noconf", with_configs=False, start_offset_ms=-60_000, with_space=True)
+    make_hand_made_search(uri, "empty", trials={}, start_offset_ms=-120_000, with_space=True)
     return d, uri
 
 
@@ -88,7 +93,7 @@ def test_export_writes_production_config_with_provenance(hand, tmp_path):
     assert prov["package_version"] == "0.1.0" and prov["git_commit"] == "abc123"
     assert prov["exported_with"]["package_version"] == "0.1.0"
     assert prov["exported_at"] and prov["tracking_uri"].startswith("sqlite:///")
-    assert prov["config_source"] == "artifact config.yaml"
+    assert prov["config_source"] == "search space (parent run tag granq.space)"
 
 
 def test_export_search_budget_and_overrides(hand, tmp_path):
@@ -99,12 +104,47 @@ def test_export_search_budget_and_overrides(hand, tmp_path):
     assert cfg.quant.weight.bits == 8
 
 
-def test_export_from_params_when_the_artifact_is_missing(hand, tmp_path):
+def test_export_is_the_spaces_production_config_of_the_trials_values(hand):
+    space = hand_space()
+    for budget, build in ((True, space.production_config), (False, space.trial_config)):
+        plan = plan_export(hand[1], "hand", "trial", trial="t5", production=budget)
+        assert plan.cfg == build({"quant.weight.bits": 6, "quant.act.bits": 5})
+    assert plan.cfg.train.epochs == 3 and plan.provenance["budget"] == "search"
+
+
+def test_export_reads_no_config_artifact(hand, tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     export_config(hand[1], "hand", "trial", trial="t2", output=a)
-    export_config(hand[1], "noconf", "trial", trial="t2", output=b)
+    export_config(hand[1], "noconf", "trial", trial="t2", output=b)  # its trials logged no config.yaml
     assert load_config(a) == load_config(b)
-    assert yaml.safe_load(b.read_text())["provenance"]["config_source"].startswith("params")
+
+
+def test_a_search_recorded_before_the_space_tag_is_exported_from_its_search_json(store, tmp_path):
+    parent = make_hand_made_search(store, "old")  # no granq.space tag, no proposals: neither can be exported
+    with pytest.raises(TrackingError, match=r"search 'old' recorded no search space \(no parent tag granq.space, "
+                                            r"nor its search folder\); it cannot be exported"):
+        plan_export(store, "old", "best")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    folder = tmp_path / "runs" / "old"
+    folder.mkdir(parents=True)
+    (folder / "search.json").write_text(json.dumps({"name": "old", "space": hand_space().to_record()}))
+    client.set_tag(parent, TAG.SEARCH_DIR, str(folder))
+    with pytest.raises(TrackingError, match=r"trial t1 \(run \w+\) recorded no readable proposal \(tag "
+                                            r"granq.proposal\); it cannot be exported"):
+        plan_export(store, "old", "best")
+    for run in runs_of(store, parent, kind="trial"):
+        client.set_tag(run.info.run_id, TAG.PROPOSAL, json.dumps(
+            {k: int(run.data.params[k]) for k in ("quant.act.bits", "quant.weight.bits")}))
+    plan = plan_export(store, "old", "best")
+    assert plan.cfg == hand_space().production_config({"quant.weight.bits": 8, "quant.act.bits": 8})
+    assert plan.provenance["config_source"] == f"search space ({folder / 'search.json'})"
+    assert plan.replaced == {"train.epochs": {"search": 3, "production": 8},
+                             "train.iters_per_epoch": {"search": 5, "production": 40}}
+    (folder / "search.json").write_text("{}")
+    with pytest.raises(TrackingError, match=f"nor a readable search.json at {folder / 'search.json'}"):
+        plan_export(store, "old", "best")
 
 
 def test_nothing_written_on_error(hand, tmp_path):
@@ -170,3 +210,93 @@ def test_cli_missing_store_is_not_created(tmp_path, monkeypatch, capsys, command
     err = capsys.readouterr().err
     assert err.startswith(f"error: no searches recorded in {d}") and "run `granq-search` first" in err
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- a real search
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_trials_config_artifact_is_what_it_ran_and_export_is_production_config(tmp_path, monkeypatch):
+    """A real 2-trial search (Ray, the product's trainable and recorder; training itself replaced
+    by a report): each child's config.yaml is the config its trial built, relative paths made
+    absolute as the trial used them; the space recorded on the parent run is the one search.json
+    holds; export is the space's production_config (or trial_config) of the trial's values."""
+    pytest.importorskip("ray")
+    from mlflow.tracking import MlflowClient
+
+    from granq_search.search.runner import run_search
+
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    seen = str(ran)
+
+    def recording_trial(config, *, base_cfg, **driver_facts):  # local: Ray ships it by value
+        import types
+        from pathlib import Path
+
+        from ray import tune
+
+        import granq_search.pipeline.trainer as trainer
+        from granq_search.config import dump_config
+        from granq_search.search.trainable import train_trial
+
+        def build_setup(cfg, device, **_):
+            return types.SimpleNamespace(cfg=cfg)
+
+        def run_training(cfg, **_):
+            Path(seen, f"{tune.get_context().get_trial_id()}.yaml").write_text(dump_config(cfg))
+            bits = cfg.quant.act.bits
+            tune.report({"epoch": 1, "val_top1": 80.0 + bits, "best_val_top1": 80.0 + bits, "val_drop": 10.0 - bits,
+                         "bitops": 1e6 * bits, "final": 1.0, "teacher_val_top1": 90.0, "epochs_run": 1.0})
+
+        real = trainer.build_setup, trainer.run_training
+        trainer.build_setup, trainer.run_training = build_setup, run_training  # this worker only; restored
+        try:
+            train_trial(config, base_cfg=base_cfg, **driver_facts)
+        finally:
+            trainer.build_setup, trainer.run_training = real
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({
+        "base": "digits", "fidelity": {"train.epochs": 1, "train.warmup_epochs": 0, "train.iters_per_epoch": 1},
+        "objectives": OBJECTIVES,
+        "parameters": {"quant.act.bits": {"type": "categorical", "choices": [3, 4]},
+                       "loss.alpha_ds": {"type": "float", "low": 0.0, "high": 1.0}},
+        "initial_points": [{"quant.act.bits": 3, "loss.alpha_ds": 0.2}, {"quant.act.bits": 4, "loss.alpha_ds": 0.6}],
+        "scheduler": {"type": "none"}, "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 2}}))
+    monkeypatch.chdir(tmp_path)  # data.root below is relative to the driver's working directory
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "runs"
+    outcome = run_search(space_file, name="exact", output_dir=out, num_samples=2, max_concurrent=1, progress=False,
+                         trainable=recording_trial, set_overrides={"data.root": "rel/data"})
+    assert outcome.status == "finished" and outcome.counts["complete"] == 2
+
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    record = json.loads((out / "exact" / "search.json").read_text())
+    space = space_from_record(record["space"])
+    board = load_runs(uri, "exact")
+    assert space_from_text(board.tags[TAG.SPACE_RECORD], origin="tag").to_record() == record["space"]
+    assert TAG.SPACE_RECORD in board.tags and "granq.fidelity" not in board.tags
+
+    client = MlflowClient(uri)
+    children = runs_of(uri, board.parent_run_id, kind="trial")
+    assert len(children) == 2
+    for child in children:
+        tid = child.data.tags[TAG.TRIAL_ID]
+        artifact = client.download_artifacts(child.info.run_id, "config.yaml", str(tmp_path / tid))
+        logged = from_dict(split_document(yaml.safe_load(open(artifact)), "config.yaml")[0])
+        trained = load_config(ran / f"{tid}.yaml")
+        assert logged == trained  # the record's config.yaml is exactly what the trial ran
+        assert trained.data.root == str(tmp_path / "rel" / "data")  # made absolute for the trials
+
+        values = json.loads(child.data.tags[TAG.PROPOSAL])
+        production = plan_export(uri, "exact", "trial", trial=tid)
+        assert production.cfg == space.production_config(values)
+        assert production.cfg.data.root == "rel/data"  # exported as the space wrote it
+        assert production.cfg.train.epochs == 8 and production.cfg.quant.act.bits == values["quant.act.bits"]
+        searched = plan_export(uri, "exact", "trial", trial=tid, production=False)
+        assert searched.cfg == space.trial_config(values)
+        assert with_overrides(searched.cfg, {"data.root": trained.data.root}) == trained
+    best = yaml.safe_load(Path(outcome.best_config).read_text())
+    assert best["data"]["root"] == "rel/data" and best["train"]["epochs"] == 8

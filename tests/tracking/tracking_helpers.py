@@ -13,7 +13,6 @@ from granq_search.config import dump_config, flatten, load_config, with_override
 from granq_search.tracking.schema import TAG, param_value
 
 SEARCH_FIDELITY = {"train.epochs": 3, "train.iters_per_epoch": 5}
-PRODUCTION = {"train.epochs": 8, "train.iters_per_epoch": 40}
 TEACHER_VAL, TEACHER_TEST = 90.0, 89.0
 OBJECTIVES = [{"metric": "val_drop", "mode": "min"}, {"metric": "bitops", "mode": "min"}]
 
@@ -28,6 +27,17 @@ HAND_MADE = {
     "p1": ("pruned", 0.1, 0.5e6, 2, 2),   # would dominate everything: never on the front
     "f1": ("failed", None, None, 2, 3),
 }
+
+
+def hand_space():
+    """The space of the hand-made search: the digits preset (production budget 8 epochs x 40
+    iterations) searched at SEARCH_FIDELITY over both bit-widths."""
+    from granq_search.search.space import parse_space
+
+    bits = {"type": "categorical", "choices": [2, 3, 4, 5, 6, 7, 8]}
+    return parse_space({"base": "digits", "fidelity": dict(SEARCH_FIDELITY), "objectives": OBJECTIVES,
+                        "parameters": {"quant.weight.bits": bits, "quant.act.bits": bits},
+                        "scheduler": {"type": "none"}}, "hand-made")
 
 
 def trial_config(proposal: dict) -> Any:
@@ -70,9 +80,7 @@ def make_recorder(uri: str, name: str = "s1", **kw):
 
     kw.setdefault("retry_interval_s", 0.0)
     return SearchRecorder(tracking_uri=uri, search_name=name, objectives=OBJECTIVES, trial_config=trial_config,
-                          parent_tags={TAG.SPACE: "search_spaces/digits.yaml",
-                                       TAG.FIDELITY: json.dumps(SEARCH_FIDELITY),
-                                       TAG.PRODUCTION: json.dumps(PRODUCTION)},
+                          parent_tags={TAG.SPACE: "search_spaces/digits.yaml"},
                           command_line=["tune_main.py", "--name", name, "--tracking-uri",
                                         "https://alice:s3cret@mlflow.example:5000"], **kw)
 
@@ -93,8 +101,9 @@ def runs_of(uri: str, parent_id: str | None = None, kind: str | None = None, exp
 
 
 def make_hand_made_search(uri: str, name: str = "hand", trials: dict | None = None, with_configs: bool = True,
-                          start_offset_ms: int = 0, experiment: str = "granq_search") -> str:
-    """A search written straight with MlflowClient, following the tag contract."""
+                          start_offset_ms: int = 0, experiment: str = "granq_search", with_space: bool = False) -> str:
+    """A search written straight with MlflowClient, following the tag contract; ``with_space``:
+    with what export reads (the space on the parent, each trial's proposal)."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -107,13 +116,19 @@ def make_hand_made_search(uri: str, name: str = "hand", trials: dict | None = No
     parent = c.create_run(exp_id, start_time=now, run_name=name, tags={
         TAG.KIND: "search", TAG.SEARCH: name, TAG.OBJECTIVES: json.dumps(OBJECTIVES),
         TAG.TEACHER: "digits_cnn", TAG.TEACHER_VAL: str(TEACHER_VAL), TAG.TEACHER_TEST: str(TEACHER_TEST),
-        TAG.FIDELITY: json.dumps(SEARCH_FIDELITY), TAG.PRODUCTION: json.dumps(PRODUCTION),
         TAG.VERSION: "0.1.0", TAG.GIT_COMMIT: "abc123"}).info.run_id
+    if with_space:
+        from granq_search.search.space import space_record_text
+
+        c.set_tag(parent, TAG.SPACE_RECORD, space_record_text(hand_space()))
     for i, (tid, (status, drop, bitops, wb, ab)) in enumerate(trials.items()):
         run = c.create_run(exp_id, start_time=now + i + 1, run_name=tid, tags={
             TAG.KIND: "trial", TAG.SEARCH: name, TAG.TRIAL_ID: tid, TAG.PARENT: parent, TAG.STATUS: status})
         rid = run.info.run_id
-        cfg = trial_config({"quant.weight.bits": wb, "quant.act.bits": ab})
+        proposal = {"quant.weight.bits": wb, "quant.act.bits": ab}
+        if with_space:
+            c.set_tag(rid, TAG.PROPOSAL, json.dumps(proposal, sort_keys=True))
+        cfg = trial_config(proposal)
         params = [Param(k, param_value(v)) for k, v in flatten(cfg).items()]
         for j in range(0, len(params), 100):
             c.log_batch(rid, params=params[j:j + 100])
