@@ -122,10 +122,8 @@ def probe_ray_address(address: str | None, *, connect_timeout_s: float = CONNECT
                 if not chunk:
                     break
                 answer += chunk
-        except socket.timeout:
+        except OSError:  # a timeout, or the peer reset the connection: judged on what came so far
             pass
-        except OSError:
-            answer = answer or b""
     if len(answer) == 9 and answer[3] == 0x04 and answer[5:9] == b"\x00\x00\x00\x00":
         return  # a gRPC server: Ray's GCS or its Client server
     if answer.startswith(b"HTTP/"):

@@ -439,7 +439,8 @@ def run_search(
 
     from granq_search.search.costs import EfficiencyCost
     from granq_search.search.scheduler import asha_for, eval_epochs
-    from granq_search.search.searcher import OptunaSearcher, close_running_trials, open_study, replayable_results
+    from granq_search.search.resume import close_running_trials, replayable_results, restored_recorder
+    from granq_search.search.searcher import OptunaSearcher, open_study
     from granq_search.search.trainable import make_trainable
 
     # before any folder: a refused connection leaves nothing
@@ -536,7 +537,7 @@ def run_search(
                 tuner = tune.Tuner.restore(ray_path, trainable=fn, resume_unfinished=True, resume_errored=True)
                 # finish() on the restored instance itself, so that writes it could not record
                 # (a store that is down) are retried at the end rather than dropped with it
-                recorder = _restored_recorder(tuner, recorder)
+                recorder = restored_recorder(tuner, recorder)
                 _replace_status_table(tuner, table)
             else:
                 searcher = OptunaSearcher(the_space, journal_path=str(paths.journal), study_name=name,
@@ -620,23 +621,6 @@ def run_search(
     record.update(outcome={k: v for k, v in outcome.to_dict().items() if k not in ("leaderboard",)})
     _write_record(paths.record, record)
     return outcome
-
-
-def _restored_recorder(tuner, fallback):
-    """The :class:`SearchRecorder` Ray unpickled from ``tuner.pkl`` (the one its callbacks call),
-    or ``fallback`` where it cannot be reached (Ray Client)."""
-    if fallback is None:
-        return None
-    try:
-        callbacks = tuner._local_tuner.get_run_config().callbacks or []
-    except Exception:  # noqa: BLE001 - Ray Client, or Ray's internals moved
-        return fallback
-    for cb in callbacks:
-        if type(cb) is type(fallback) and getattr(cb, "search_name", None) == fallback.search_name:
-            cb.finish_wait_s = fallback.finish_wait_s
-            cb.resumed = True  # even when Ray's snapshot held no trial yet
-            return cb
-    return fallback
 
 
 def _connect(address: str | None, progress: bool, *, dashboard: bool = False,

@@ -4,7 +4,8 @@ Ray saves the searcher on ``Tuner.restore`` but not the scheduler: the restored
 ``AsyncHyperBandScheduler`` (unpickled from ``tuner.pkl`` as it was *before* the first trial) has
 empty rungs, so every resumed trial would pass every rung. :class:`PersistentASHA` writes its rung
 records to ``DIR/NAME/scheduler_state.json`` (atomically) whenever they change and loads them
-lazily, on the first call after it was built or unpickled.
+lazily, on the first call after it was built or unpickled (step 5 of ``--resume``,
+:mod:`granq_search.search.resume`).
 
 Settings for a search (see :func:`asha_for`): time attribute ``epoch`` (1-based, warm-up
 included), metric ``val_top1`` (mode max), ``max_t`` = ``train.epochs`` at search fidelity,

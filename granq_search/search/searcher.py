@@ -5,11 +5,9 @@ single-objective ones next to ``TuneConfig(metric=...)``, enters early-stopped t
 COMPLETE (on the Pareto front with under-trained metrics), leaves NaN trials RUNNING forever
 and pays twice for duplicate proposals. This searcher:
 
-* owns the study: explicit seeded sampler, ``directions`` and metric names
-  (``study.metric_names``: the objectives' metrics, which optuna-dashboard and Optuna's plots
-  show) from the space's objectives, storage
-  ``JournalStorage(JournalFileBackend(DIR/NAME/optuna.journal))`` (the driver is its only
-  writer), the space's ``initial_points`` enqueued once when the study is created;
+* owns the study (:mod:`granq_search.search.study`): explicit seeded sampler, ``directions`` and
+  metric names from the space's objectives, storage ``DIR/NAME/optuna.journal`` (the driver is
+  its only writer), the space's ``initial_points`` enqueued once when the study is created;
 * tells every trial exactly once: a Ray error -> FAIL; a result without ``final == 1`` (stopped by
   ASHA) -> PRUNED; ``failure_reason`` in the result (the trainable caught divergence, OOM, an invalid
   config) -> FAIL with the reason; a missing, NaN or infinite objective -> FAIL; otherwise
@@ -30,13 +28,12 @@ and pays twice for duplicate proposals. This searcher:
   ``ConcurrencyLimiter`` passes everything through; the limiter would otherwise drop the results
   of errored trials that ``--resume`` restarts);
 * saves only the Ray-trial <-> Optuna-number mapping (``save``/``restore``); the study lives in
-  the journal. On restore it reconciles: an Optuna trial still RUNNING that no restored Ray trial
-  will finish was asked after Ray's last experiment snapshot (a killed driver; Ray does not know
-  its Ray trial). It is *adopted*: the next Ray trial Ray asks for gets exactly its parameters and
-  the same Optuna trial (``ray_trial_id`` updated, the old id kept in ``lost_ray_trial_ids``),
-  so the study keeps one trial per configuration and the search still reaches ``num_samples``
-  Ray trials. A Ray trial that finishes after its Optuna trial was closed (interrupted search
-  resumed, errored trial retried) is recorded as a new Optuna trial with ``resumed_from``.
+  the journal. On restore it reconciles that mapping with the journal: Optuna trials asked after
+  Ray's last experiment snapshot (a killed driver) are *adopted* by the next new Ray trials, with
+  their parameters and Optuna trial unchanged (:class:`~granq_search.search.resume.OrphanAdoption`;
+  the whole ``--resume`` protocol is :mod:`granq_search.search.resume`). A Ray trial that
+  finishes after its Optuna trial was closed (interrupted search resumed, errored trial retried)
+  is recorded as a new Optuna trial with ``resumed_from``.
 
 The objects pickle without the study (Ray pickles the searcher into ``tuner.pkl``); the study is
 reopened lazily from the journal, with the sampler reseeded by ``seed + number of trials`` so
@@ -49,135 +46,20 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ray.tune.search import Searcher
 
-from granq_search.errors import ConfigError, SearchSpaceError
+from granq_search.errors import ConfigError
 from granq_search.search.report import own_metrics
+from granq_search.search.resume import OrphanAdoption, error_state
 from granq_search.search.space import SearchSpace
+from granq_search.search.study import open_study
 
-__all__ = ["OptunaSearcher", "open_study", "close_running_trials", "make_sampler", "params_key",
-           "replayable_results", "error_state", "LOST_REASON", "INTERRUPTED_REASON"]
+__all__ = ["OptunaSearcher", "params_key"]
 
 log = logging.getLogger(__name__)
-
-LOST_REASON = "lost when the driver stopped"
-INTERRUPTED_REASON = "the search stopped before this trial finished (rerun with --resume to continue it)"
-
-
-def make_sampler(space: SearchSpace, seed_offset: int = 0):
-    """The explicit, seeded sampler of ``space.sampler``."""
-    import optuna
-
-    seed = space.sampler.seed + seed_offset
-    if space.sampler.type == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=space.sampler.n_startup_trials)
-
-
-def _storage(journal_path: str):
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(str(journal_path)))
-
-
-def _name_metrics(study, space: SearchSpace) -> None:
-    """``study.metric_names`` = the space's objective metrics (written only when they differ, so a
-    reopened study adds nothing to the journal; a study made by an older version gets them)."""
-    import optuna
-
-    names = list(space.metrics)
-    if study.metric_names == names:
-        return
-    with warnings.catch_warnings():  # set_metric_names is marked experimental (Optuna 3.2 - 5)
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(names)
-
-
-def open_study(space: SearchSpace, journal_path: str, study_name: str, *, create: bool = False):
-    """Open (or with ``create`` make) the study; return ``(study, storage)``.
-
-    Checks that the study's directions match the space; names its objectives (``metric_names``).
-
-    A new study gets the space's ``initial_points`` enqueued. The sampler is seeded with
-    ``seed + len(trials)`` so a reopened study continues rather than repeats its proposals.
-    """
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _storage(journal_path)
-    existing = [s.study_name for s in storage.get_all_studies()]
-    if study_name not in existing:
-        if not create:
-            raise SearchSpaceError(f"no Optuna study '{study_name}' in '{journal_path}'")
-        study = optuna.create_study(storage=storage, study_name=study_name, directions=space.directions,
-                                    sampler=make_sampler(space))
-        _name_metrics(study, space)
-        for point in space.initial_points:
-            study.enqueue_trial(dict(point), user_attrs={"initial_point": True})
-        return study, storage
-    study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(space))
-    have = [d.name.lower() for d in study.directions]
-    if have != list(space.directions):
-        raise SearchSpaceError(f"the Optuna study '{study_name}' in '{journal_path}' optimises {have}, "
-                               f"but the space asks for {space.directions}")
-    _name_metrics(study, space)
-    n = len(study.get_trials(deepcopy=False))
-    if n:
-        study.sampler = make_sampler(space, seed_offset=n)
-    return study, storage
-
-
-def close_running_trials(journal_path: str, study_name: str, reason: str = INTERRUPTED_REASON) -> int:
-    """Tell FAIL to every Optuna trial still RUNNING (the end of every search); return how many."""
-    import optuna
-    from optuna.trial import TrialState
-
-    if not os.path.isfile(journal_path):
-        return 0
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _storage(journal_path)
-    if study_name not in [s.study_name for s in storage.get_all_studies()]:
-        return 0
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    study_id = storage.get_study_id_from_name(study_name)
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in running:
-        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, t.number),
-                                    "failure_reason", reason)
-        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-    return len(running)
-
-
-def error_state(state, reason: str | None) -> bool:
-    """A FAIL that another try may cure (a Ray error, lost, interrupted), as opposed to one of
-    the trial's own (divergence, out of memory, NaN objective, invalid config)."""
-    from optuna.trial import TrialState
-
-    return state == TrialState.FAIL and (not reason or reason in (LOST_REASON, INTERRUPTED_REASON)
-                                         or str(reason).startswith("the trial raised an error"))
-
-
-def replayable_results(space: SearchSpace, journal_path: str, study_name: str) -> dict[str, dict[str, Any]]:
-    """``{Ray trial id: last result}`` of every trial the study holds as ended for good (COMPLETE,
-    PRUNED, or FAIL for a reason of its own). A resumed search hands them to the trainable: a
-    trial Ray restarts only because its last snapshot predates the trial's end is replayed, not
-    trained again (:func:`granq_search.search.trainable.replay_finished`)."""
-    from optuna.trial import TrialState
-
-    if not os.path.isfile(journal_path):
-        return {}
-    study, _ = open_study(space, journal_path, study_name)
-    out: dict[str, dict[str, Any]] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
-        rid, last = t.user_attrs.get("ray_trial_id"), t.user_attrs.get("last_result")
-        if rid and isinstance(last, dict) and not error_state(t.state, t.user_attrs.get("failure_reason")):
-            out[str(rid)] = dict(last)
-    return out
 
 
 def _norm(v: Any) -> Any:
@@ -191,7 +73,7 @@ def params_key(params: Mapping[str, Any]) -> tuple:
     return tuple(sorted((k, type(v).__name__ if isinstance(v, bool) else "", _norm(v)) for k, v in params.items()))
 
 
-class OptunaSearcher(Searcher):
+class OptunaSearcher(OrphanAdoption, Searcher):
     """Ray Tune searcher over an Optuna study (see the module docstring).
 
     Args:
@@ -309,33 +191,6 @@ class OptunaSearcher(Searcher):
                     "invalid or over budget; ending the search (the space looks exhausted)", self.max_retries)
         study.set_user_attr("exhausted", True)
         return Searcher.FINISHED
-
-    def _adopt(self, trial_id: str) -> dict[str, Any] | None:
-        """Hand the next orphan (see :meth:`reconcile`) to the new Ray trial ``trial_id``: its
-        parameters, unchanged, and its Optuna trial. None when there is none to adopt."""
-        from optuna.trial import TrialState
-
-        dists = self.space.distributions()
-        while self._orphans:
-            number = self._orphans.pop(0)
-            frozen = self._frozen(number)
-            if frozen.state != TrialState.RUNNING:
-                continue
-            if set(frozen.params) != set(dists):  # asked but never given its parameters
-                self._set_attr(number, "failure_reason", LOST_REASON)
-                self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-                continue
-            old = frozen.user_attrs.get("ray_trial_id")
-            if old:
-                lost = [str(x) for x in frozen.user_attrs.get("lost_ray_trial_ids", [])]
-                self._set_attr(number, "lost_ray_trial_ids", [*lost, str(old)])
-            self._set_attr(number, "ray_trial_id", trial_id)
-            self._live[trial_id] = number
-            self.events["adopted"] = self.events.get("adopted", 0) + 1
-            log.info("Optuna trial %d (Ray trial %s, started after Ray's last snapshot before the driver "
-                     "stopped) continues as Ray trial %s with the same parameters", number, old, trial_id)
-            return dict(frozen.params)
-        return None
 
     def _ask(self, study, dists, attempt: int):
         """The space's sampler first; after ``fallback_after`` unusable proposals in a row a seeded
@@ -496,49 +351,3 @@ class OptunaSearcher(Searcher):
         with open(checkpoint_path, encoding="utf-8") as fh:
             self.set_state(json.load(fh))
         self.reconcile()
-
-    def reconcile(self) -> list[int]:
-        """After a restore: find the Optuna trials still RUNNING that no restored Ray trial will
-        finish, and return their numbers (oldest first).
-
-        They were handed to Ray after its last experiment snapshot, so the restored experiment
-        does not know them (the driver was killed; the runner keeps the snapshot period at about
-        a second). One still being checked (no ``ray_trial_id`` yet) never reached Ray: it is told
-        FAIL ('lost when the driver stopped'). Rather than failing the others and asking the
-        sampler for replacements (the study would then hold more trials than the search ran),
-        they become *orphans*: :meth:`suggest` gives each one, with its parameters unchanged, to
-        the next new Ray trial. A deferred duplicate waits for its original, live or orphan, as
-        before; one whose original ended is told its outcome.
-        """
-        from optuna.trial import TrialState
-
-        live = set(self._live.values())
-        running = sorted(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
-                         key=lambda t: t.number)
-        running_numbers = {t.number for t in running}
-        orphans: list[int] = [n for n in self._orphans if n in running_numbers and n not in live]
-        for t in running:
-            if t.number in live or t.number in orphans:
-                continue  # Ray resumes it from its last checkpoint / adopted later
-            original = next((o for o, twins in self._twins.items() if t.number in twins), None)
-            if original is None and t.user_attrs.get("duplicate_of") is not None:
-                original = int(t.user_attrs["duplicate_of"])  # deferred after the snapshot
-            if original is not None:
-                if original in running_numbers:  # live, or an orphan adopted later: told when it ends
-                    if t.number not in self._twins.setdefault(original, []):
-                        self._twins[original].append(t.number)
-                else:
-                    self._copy_outcome(t.number, original)
-                continue
-            if not t.user_attrs.get("ray_trial_id"):  # stopped while being checked: never reached Ray
-                self._set_attr(t.number, "failure_reason", LOST_REASON)
-                self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-                continue
-            orphans.append(t.number)
-        self._orphans = orphans
-        self._twins = {o: v for o, v in self._twins.items() if o in live or o in orphans}
-        if orphans:
-            log.warning("%d Optuna trial(s) (%s) started after Ray's last snapshot before the driver stopped; "
-                        "their parameters are proposed again to the next Ray trials", len(orphans),
-                        ", ".join(map(str, orphans)))
-        return list(orphans)

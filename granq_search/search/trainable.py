@@ -14,7 +14,9 @@ Inside a trial:
    ``CUDA_VISIBLE_DEVICES`` (Ray sets it) and falls back to the CPU where torch has no CUDA;
 3. torch uses as many threads as the trial was given CPUs;
 4. a restarted trial (worker died, ``--resume``) copies ``last.pt`` from ``tune.get_checkpoint()``
-   into a private folder and continues with ``run_training(..., resume=True)``;
+   into a private folder and continues with ``run_training(..., resume=True)``; one that had
+   already ended before a killed driver's last snapshot is replayed instead
+   (:func:`~granq_search.search.resume.replay_finished`, step 6 of :mod:`granq_search.search.resume`);
 5. every epoch goes to Ray through :class:`~granq_search.search.report.RayReporter`.
 
 Failures that would only repeat themselves (``TrainingDiverged`` and other
@@ -32,10 +34,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from granq_search.search.resume import replay_finished
 from granq_search.search.space_model import TrialConfig
 
-__all__ = ["train_trial", "make_trainable", "replay_finished", "is_out_of_memory", "failure_message",
-           "threads_for_cpus"]
+__all__ = ["train_trial", "make_trainable", "is_out_of_memory", "failure_message", "threads_for_cpus"]
 
 def is_out_of_memory(err: BaseException) -> bool:
     import torch
@@ -82,29 +84,14 @@ def _node_id() -> str:
         return ""
 
 
-def replay_finished(replay: Mapping[str, Mapping[str, Any]] | None) -> bool:
-    """A trial that already ended but that Ray restarts because its last experiment snapshot
-    predates the end (the driver was killed; Ray snapshots every ~10 s): report the last result the
-    Optuna study recorded for it again, marked ``replayed``, instead of training again. True when
-    replayed. (``replay``: see :func:`granq_search.search.searcher.replayable_results`.)"""
-    if not replay:
-        return False
-    from ray import tune
-
-    final = replay.get(tune.get_context().get_trial_id())
-    if final is None:
-        return False
-    tune.report({**final, "replayed": 1.0})
-    return True
-
-
 def train_trial(config: Mapping[str, Any], *, base_cfg: Mapping[str, Any],
                 teacher_state: Mapping[str, Any] | None = None, teacher_sha256: str | None = None,
                 replay: Mapping[str, Mapping[str, Any]] | None = None,
                 teacher_metrics: Mapping[str, Any] | None = None,
                 eval_epochs: Sequence[int] | None = None) -> None:
     """Ray Tune function trainable (see the module docstring). ``config``: dotted path -> value;
-    ``replay``: final results of trials that already ended (see :func:`replay_finished`);
+    ``replay``: final results of trials that already ended
+    (:func:`~granq_search.search.resume.replay_finished`);
     ``teacher_metrics``: the teacher's accuracies (and FP latency) measured once by the driver;
     ``eval_epochs``: the epochs to validate after (the scheduler's rungs and the last one)."""
     import torch

@@ -10,16 +10,10 @@ import yaml
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from granq_search.search.searcher import (
-    INTERRUPTED_REASON,
-    LOST_REASON,
-    OptunaSearcher,
-    close_running_trials,
-    open_study,
-    params_key,
-    replayable_results,
-)
+from granq_search.search.resume import INTERRUPTED_REASON, LOST_REASON, close_running_trials, replayable_results
+from granq_search.search.searcher import OptunaSearcher, params_key
 from granq_search.search.space import load_space
+from granq_search.search.study import open_study
 
 
 def make_space(tmp_path, parameters=None, **extra):
