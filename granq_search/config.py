@@ -627,10 +627,27 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
     return with_overrides(cfg, overrides) if overrides else cfg
 
 
+MACHINE_SETTINGS: tuple[str, ...] = ("data.num_workers",)
+"""Settings of the machine that runs a config, not of the experiment: a portable config (an export)
+leaves them out, so the machine that trains it keeps its defaults or its own ``--set``."""
+
+
+def machine_neutral(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with every machine setting at its default (what a portable config loads back as)."""
+    defaults = flatten(ExperimentConfig())
+    return with_overrides(cfg, {p: defaults[p] for p in MACHINE_SETTINGS})
+
+
 def dump_config(cfg: ExperimentConfig, path: str | Path | None = None,
-                provenance: Mapping[str, Any] | None = None) -> str:
-    """YAML text of a complete, versioned config; written atomically when ``path`` is given."""
+                provenance: Mapping[str, Any] | None = None, *, portable: bool = False) -> str:
+    """YAML text of a complete, versioned config; written atomically when ``path`` is given.
+
+    ``portable`` leaves out the machine settings (``MACHINE_SETTINGS``), as ``export`` does."""
     doc: dict[str, Any] = {"config_version": CONFIG_VERSION, **to_dict(cfg)}
+    if portable:
+        for dotted in MACHINE_SETTINGS:
+            section, key = dotted.split(".")
+            doc[section].pop(key, None)
     if provenance is not None:
         doc["provenance"] = dict(provenance)
     text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)

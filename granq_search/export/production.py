@@ -27,6 +27,7 @@ from granq_search.config import (
     dump_config,
     from_dict,
     get_path,
+    machine_neutral,
     split_document,
     to_dict,
     with_overrides,
@@ -195,11 +196,11 @@ def write_export(plan: ExportPlan, output: str | Path) -> Path:
         raise TrackingError(f"--output {out} is a folder; give a file name such as {out / 'best.yaml'}")
     if out.suffix not in (".yaml", ".yml"):
         raise TrackingError(f"--output {out} must end in .yaml or .yml")
-    text = dump_config(plan.cfg, provenance=plan.provenance)
+    text = dump_config(plan.cfg, provenance=plan.provenance, portable=True)
     check, _ = split_document(yaml.safe_load(text), str(out))
-    if from_dict(check) != plan.cfg:  # pragma: no cover - the config round trip is tested elsewhere
+    if from_dict(check) != machine_neutral(plan.cfg):  # pragma: no cover - the round trip is tested elsewhere
         raise ConfigError("the exported config does not load back identically; this is a bug")
-    dump_config(plan.cfg, out, provenance=plan.provenance)
+    dump_config(plan.cfg, out, provenance=plan.provenance, portable=True)
     return out
 
 

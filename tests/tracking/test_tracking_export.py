@@ -104,6 +104,15 @@ def test_export_search_budget_and_overrides(hand, tmp_path):
     assert cfg.quant.weight.bits == 8
 
 
+def test_export_leaves_machine_settings_out(hand, tmp_path):
+    """data.num_workers belongs to the machine that trains, not to the experiment an export carries."""
+    out = tmp_path / "m.yaml"
+    export_config(hand[1], "hand", "best", output=out, overrides={"data.num_workers": 3})
+    doc = yaml.safe_load(out.read_text())
+    assert "num_workers" not in doc["data"] and "batch_size" in doc["data"]
+    assert load_config(out).data.num_workers == 0  # the training machine's default, or its own --set
+
+
 def test_export_is_the_spaces_production_config_of_the_trials_values(hand):
     space = hand_space()
     for budget, build in ((True, space.production_config), (False, space.trial_config)):
