@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"best config: {outcome.best_config}")
             print(f"train it at full budget: granq-search train --config {outcome.best_config}")
         if outcome.tracking_uri:
-            print(f"MLflow: {outcome.tracking_uri}, experiment '{outcome.experiment}'")
+            print(f"MLflow: {redact_uri(outcome.tracking_uri)}, experiment '{outcome.experiment}'")
         uri_flag = f" --tracking-uri {redact_uri(outcome.tracking_uri)}" if args.tracking_uri else ""
         if args.experiment:
             uri_flag += f" --experiment {outcome.experiment}"

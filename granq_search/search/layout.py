@@ -29,9 +29,6 @@ class SearchError(GranqError):
     """A search that cannot start or resume as asked."""
 
 
-# --------------------------------------------------------------------------- layout
-
-
 @dataclass(frozen=True)
 class SearchPaths:
     output_dir: Path

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from granq_search.errors import GranqError
+from granq_search.tracking.uri import redact_uri
 
 __all__ = ["PreflightError", "RayEndpoint", "parse_ray_address", "probe_ray_address", "check_writable_dir",
            "CONNECT_TIMEOUT_S", "ANSWER_TIMEOUT_S"]
@@ -75,7 +76,8 @@ def parse_ray_address(address: str | None, environ: dict[str, str] | None = None
     if m is None and client:
         m = _HOST_PORT.match(f"{rest}:10001")  # Ray Client's default port
     if m is None or not 0 < int(m["port"]) < 65536:
-        raise PreflightError(f"{source} {address!r} is not a Ray address; use auto, HOST:PORT or ray://HOST:PORT")
+        raise PreflightError(f"{source} {redact_uri(address)!r} is not a Ray address; use auto, HOST:PORT or "
+                             "ray://HOST:PORT")
     return RayEndpoint(host=m["v6"] or m["host"], port=int(m["port"]), client=client, shown=address, source=source)
 
 

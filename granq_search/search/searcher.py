@@ -348,6 +348,8 @@ class OptunaSearcher(OrphanAdoption, Searcher):
         os.replace(tmp, checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:
+        """Ray's snapshot of the map, then :meth:`reconcile` with the journal (``--resume``, step 4
+        of :mod:`granq_search.search.resume`)."""
         with open(checkpoint_path, encoding="utf-8") as fh:
             self.set_state(json.load(fh))
         self.reconcile()
