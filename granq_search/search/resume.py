@@ -9,7 +9,8 @@ retried when the store is down). A search that ends, even interrupted (Ctrl-C), 
 :func:`close_running_trials` tells FAIL (:data:`INTERRUPTED_REASON`) to every Optuna trial still
 RUNNING and the recorder closes the children. A *killed* driver closes nothing, and Ray's last
 snapshot may be up to a second older than the journal and MLflow. ``--resume``
-(``run_search(resume=True)``, :mod:`granq_search.search.runner`) reconciles them in this order:
+(``run_search(resume=True)``: :mod:`granq_search.search.plan` checks it,
+:mod:`granq_search.search.launch` runs it) reconciles them in this order:
 
 1. **search.json.** The search (``--name``, by default the latest in ``--output-dir``) keeps its
    space, overrides, ``num_samples``, ``max_concurrent``, Ray storage, MLflow store and
@@ -23,7 +24,7 @@ snapshot may be up to a second older than the journal and MLflow. ``--resume``
    from its last epoch checkpoint: ``run_training(resume=True)``) and unpickles the searcher,
    the scheduler and the callbacks from ``tuner.pkl``. The driver keeps the recorder Ray
    restored (:func:`restored_recorder`: marked ``resumed``; its ``finish`` retries what it could
-   not write) and swaps in this run's status table (``runner._replace_status_table``).
+   not write) and swaps in this run's status table (``launch._replace_status_table``).
 4. **The searcher: orphans, adoption, twins.** Ray calls ``OptunaSearcher.restore`` with its
    saved map (live, done, deferred twins, orphans); :meth:`OrphanAdoption.reconcile` then
    compares it with the journal. An Optuna trial still RUNNING that no restored Ray trial will
