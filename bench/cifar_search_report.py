@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--search", action="append", default=[], metavar="KEY=NAME")
     ap.add_argument("--retrain", action="append", default=[], metavar="KEY=DIR", help="production-budget train run")
     ap.add_argument("--repro", action="append", default=[], metavar="KEY=DIR", help="search-budget train run")
+    ap.add_argument("--retrain-extra", action="append", default=[], metavar="LABEL=DIR",
+                    help="another production-budget train run to record (e.g. an earlier export, a front point)")
     ap.add_argument("--rerun", action="append", default=[], metavar="TRIAL=DIR",
                     help="a stopped trial run to full search budget with train (ASHA check)")
     ap.add_argument("--write", action="store_true")
@@ -269,6 +271,13 @@ def main() -> None:
         md += ["", "### What the search learned (fANOVA importances, finished trials)", "", imp_md.strip(), ""]
         if entry.get("importance_plot"):
             md += [f"![importances of {name}]({entry['importance_plot']})", ""]
+    doc["extra_retrains"] = {}
+    for label, d in _pairs(args.retrain_extra, "--retrain-extra").items():
+        run = train_run(Path(d))
+        doc["extra_retrains"][label] = {k: run["final"].get(k) for k in (
+            "best_val_top1", "best_test_top1", "best_epoch", "test_top1", "epochs_run", "train_time_s", "bitops",
+            "size_bits", "act_memory_bits", "threads")}
+        doc["extra_retrains"][label]["dir"] = run["dir"]
     doc["reruns"] = {}
     for tid, d in reruns.items():
         doc["reruns"][tid] = train_run(Path(d))["final"]
