@@ -28,14 +28,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from granq_search.config import (
-    ExperimentConfig,
-    QuantConfig,
-    from_dict,
-    load_config,
-    split_document,
-    with_overrides,
-)
+from granq_search.config import ExperimentConfig, QuantConfig, config_from_data, from_dict, load_config, with_overrides
 from granq_search.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,17 +50,15 @@ ConfigLike = Union[ExperimentConfig, Mapping[str, Any], str, Path]
 def experiment_config(config: ConfigLike, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """The validated :class:`ExperimentConfig` of ``config`` with dotted ``overrides`` applied
     (``{"quant.act.bits": 3}``). Raises :class:`ConfigError` (one line) on any mistake."""
+    wanted = dict(overrides) if overrides else None
     if isinstance(config, ExperimentConfig):
-        cfg = config
-    elif isinstance(config, Mapping):
-        data, _ = split_document(config, "the config mapping")
-        cfg = from_dict(data)
-    elif isinstance(config, (str, Path)):
-        return load_config(config, dict(overrides) if overrides else None)
-    else:
-        raise TypeError(f"config must be an ExperimentConfig, a mapping, a YAML path or a preset name, "
-                        f"not {type(config).__name__}")
-    return with_overrides(cfg, dict(overrides)) if overrides else cfg
+        return with_overrides(config, wanted) if wanted else config
+    if isinstance(config, Mapping):
+        return config_from_data(config, "the config mapping", wanted)
+    if isinstance(config, (str, Path)):
+        return load_config(config, wanted)
+    raise TypeError(f"config must be an ExperimentConfig, a mapping, a YAML path or a preset name, "
+                    f"not {type(config).__name__}")
 
 
 def _quant_config(quant_config: QuantConfig | ExperimentConfig | Mapping[str, Any] | None) -> QuantConfig:
@@ -113,7 +104,8 @@ def quantize(model: nn.Module, quant_config: QuantConfig | ExperimentConfig | Ma
     """
     from torch import nn
 
-    from granq_search.quant import calibrate, needs_calibration, prepare
+    from granq_search.pipeline.build import calibrate_student, device_of
+    from granq_search.quant import needs_calibration, prepare
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -124,9 +116,8 @@ def quantize(model: nn.Module, quant_config: QuantConfig | ExperimentConfig | Ma
             raise ConfigError(f"act.range_mode '{qcfg.act.range_mode}' with act.granularity '{qcfg.act.granularity}' "
                               "takes ranges or thresholds from calibration; pass calibration_data (batches of inputs)",
                               field="quant")
-        home = next(itertools.chain(student.parameters(), student.buffers()), None)
-        device = home.device if home is not None else None
-        calibrate(student, itertools.islice(calibration_data, qcfg.calib_batches), device=device)
+        calibrate_student(student, lambda: itertools.islice(calibration_data, qcfg.calib_batches),
+                          device=device_of(student))
     return student
 
 
@@ -152,14 +143,17 @@ def train(config: ConfigLike = "digits", *, overrides: Mapping[str, Any] | None 
     """
     from granq_search.pipeline.reporter import CompositeReporter
     from granq_search.pipeline.terminal import TerminalReporter
-    from granq_search.pipeline.trainer import build_setup, run_training
+    from granq_search.pipeline.trainer import build_setup, check_checkpoint_dir, run_training
 
     cfg = experiment_config(config, overrides)
+    check_checkpoint_dir(checkpoint_dir, resume)  # before the teacher is built
     setup = build_setup(cfg, device)  # checks model, checkpoint and data before anything trains
-    reporters: list[Reporter] = [reporter] if reporter is not None else []
-    if progress:
+    reporters: list[Reporter] = []
+    if progress:  # first: it still shows the epoch after which ``reporter`` raises StopTraining
         reporters.append(TerminalReporter(progress=True, epochs=setup.cfg.train.epochs,
                                           iters_per_epoch=setup.cfg.train.iters_per_epoch))
+    if reporter is not None:
+        reporters.append(reporter)
     composite = CompositeReporter(reporters) if reporters else None
     return run_training(setup.cfg, device=setup.device, reporter=composite, checkpoint_dir=checkpoint_dir,
                         resume=resume, setup=setup)
@@ -169,7 +163,8 @@ def search(space: str | Path | SearchSpace | None = None, *, overrides: Mapping[
            name: str | None = None, output_dir: str | Path = "runs/search", num_samples: int | None = None,
            max_concurrent: int | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
            address: str | None = None, storage_path: str | None = None, tracking_uri: str | None = None,
-           resume: bool = False, progress: bool = True) -> SearchOutcome:
+           experiment: str | None = None, resume: bool = False, progress: bool = True,
+           dashboard: bool = False) -> SearchOutcome:
     """Run (or with ``resume`` continue) a search, as the ``search`` command does: the same
     checks before anything starts, Ray Tune trials proposed by Optuna and stopped early by ASHA,
     one MLflow parent run with a child per trial, the best configuration exported.
@@ -180,7 +175,9 @@ def search(space: str | Path | SearchSpace | None = None, *, overrides: Mapping[
     command's flags: ``num_samples`` (default 8) and ``max_concurrent`` (default 2) trials,
     ``cpus_per_trial`` / ``gpus_per_trial``, ``address`` (None: Ray on this machine;
     ``auto``/``HOST:PORT``/``ray://HOST:PORT``: a cluster), ``storage_path`` (Ray results on
-    shared storage), ``tracking_uri`` (default ``sqlite:///<output_dir>/mlflow.db``).
+    shared storage), ``tracking_uri`` (default ``sqlite:///<output_dir>/mlflow.db``),
+    ``experiment`` (the MLflow experiment; default ``$MLFLOW_EXPERIMENT_NAME``, else
+    ``granq_search``), ``dashboard`` (start Ray's dashboard with a local Ray).
 
     A local search puts the folders of the modules named in the config (``model.name`` /
     ``data.dataset`` import paths) on the trials' ``PYTHONPATH``; on a cluster ship them with the
@@ -193,5 +190,6 @@ def search(space: str | Path | SearchSpace | None = None, *, overrides: Mapping[
 
     return run_search(space, name=name, output_dir=output_dir, num_samples=num_samples,
                       max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                      address=address, storage_path=storage_path, tracking_uri=tracking_uri, resume=resume,
-                      set_overrides=dict(overrides) if overrides else None, progress=progress)
+                      address=address, storage_path=storage_path, tracking_uri=tracking_uri, experiment=experiment,
+                      resume=resume, set_overrides=dict(overrides) if overrides else None, progress=progress,
+                      dashboard=dashboard)

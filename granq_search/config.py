@@ -71,12 +71,15 @@ __all__ = [
     "with_overrides",
     "parse_set_args",
     "load_config",
+    "config_from_data",
     "dump_config",
     "preset_path",
     "list_presets",
+    "read_yaml",
+    "split_document",
+    "machine_neutral",
+    "MACHINE_SETTINGS",
 ]
-
-
 
 
 def _type_name(hint: Any) -> str:
@@ -282,31 +285,44 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
         raise ConfigError(f"{what} file '{path}' is not a text file; pass a YAML file") from None
 
 
+def _split(data: Any, what: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """:func:`split_document` with ``what`` naming the document in messages."""
+    if data is None:
+        raise ConfigError(f"{what} is empty; start from a preset in granq_search/presets")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what} must hold a mapping of sections, not {type(data).__name__}")
+    data = dict(data)
+    version = data.pop("config_version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"{what} has config_version {version!r}; this granq_search reads {CONFIG_VERSION}")
+    provenance = data.pop("provenance", None)
+    return data, provenance
+
+
 def split_document(data: Any, source: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Split a config document into (experiment data, provenance or None).
+    """Split a config document read from the file ``source`` into (experiment data, provenance
+    or None).
 
     A document is an experiment mapping, optionally with ``config_version`` and a free-form
     ``provenance`` block (written by ``export``).
     """
-    if data is None:
-        raise ConfigError(f"config file '{source}' is empty; start from a preset in granq_search/presets")
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config file '{source}' must hold a mapping of sections, not {type(data).__name__}")
-    data = dict(data)
-    version = data.pop("config_version", CONFIG_VERSION)
-    if version != CONFIG_VERSION:
-        raise ConfigError(f"config file '{source}' has config_version {version!r}; this granq_search reads {CONFIG_VERSION}")
-    provenance = data.pop("provenance", None)
-    return data, provenance
+    return _split(data, f"config file '{source}'")
+
+
+def config_from_data(data: Any, source: str, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """The validated config of a document's plain data (see :func:`split_document`; provenance
+    ignored) with dotted ``overrides`` applied. ``source`` names the document in messages as is
+    (``"config file 'c.yaml'"``, ``"the config mapping"``)."""
+    body, _ = _split(data, source)
+    cfg = from_dict(body)
+    return with_overrides(cfg, overrides) if overrides else cfg
 
 
 def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """Load a YAML file or a preset name, apply dotted overrides, validate strictly."""
     src = str(source)
     path = Path(src) if (src.endswith((".yaml", ".yml")) or Path(src).exists()) else preset_path(src)
-    data, _ = split_document(read_yaml(path), str(path))
-    cfg = from_dict(data)
-    return with_overrides(cfg, overrides) if overrides else cfg
+    return config_from_data(read_yaml(path), f"config file '{path}'", overrides)
 
 
 MACHINE_SETTINGS: tuple[str, ...] = ("data.num_workers",)
@@ -328,8 +344,11 @@ def dump_config(cfg: ExperimentConfig, path: str | Path | None = None,
     doc: dict[str, Any] = {"config_version": CONFIG_VERSION, **to_dict(cfg)}
     if portable:
         for dotted in MACHINE_SETTINGS:
-            section, key = dotted.split(".")
-            doc[section].pop(key, None)
+            *sections, key = dotted.split(".")
+            node = doc
+            for section in sections:
+                node = node[section]
+            node.pop(key, None)
     if provenance is not None:
         doc["provenance"] = dict(provenance)
     text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)

@@ -346,6 +346,3 @@ class ExperimentConfig(_Section):
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-# --------------------------------------------------------------------------- strict load / dump

@@ -6,13 +6,15 @@ can all use it.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["json_safe"]
+__all__ = ["json_safe", "write_json_atomic"]
 
 
 def _is_pandas_missing(x: Any) -> bool:
@@ -40,3 +42,12 @@ def json_safe(x: Any) -> Any:
         except (ValueError, RuntimeError):  # an array of several values: left to the JSON encoder
             return x
     return x
+
+
+def write_json_atomic(path: str | Path, doc: Any) -> None:
+    """``doc`` as indented JSON (plus a newline) at ``path``, written to a temporary file next to it
+    and renamed over it: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -23,7 +23,6 @@ __all__ = [
     "Metric",
     "Kind",
     "REGISTRY",
-    "metric",
     "names",
     "EPOCH_METRICS",
     "FINAL_METRICS",
@@ -33,7 +32,6 @@ __all__ = [
     "OBJECTIVE_METRICS",
     "CONSTRAINT_METRICS",
 ]
-
 
 
 class Kind:
@@ -66,10 +64,6 @@ class Metric:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS or self.mode not in (None, "min", "max"):
             raise ValueError(f"metric {self.name!r}: kind {self.kind!r} / mode {self.mode!r}")
-
-    @property
-    def higher_is_better(self) -> bool | None:
-        return None if self.mode is None else self.mode == "max"
 
 
 # ----------------------------------------------------------------------------- names
@@ -170,11 +164,6 @@ REGISTRY: dict[str, Metric] = {m.name: m for m in (
 )}
 
 
-def metric(name: str) -> Metric:
-    """The registered :class:`Metric` called ``name`` (``KeyError`` if there is none)."""
-    return REGISTRY[name]
-
-
 def names(*kinds: str, final: bool | None = None) -> tuple[str, ...]:
     """Registered names whose kind is one of ``kinds`` (all when none given), in registry order;
     ``final=True`` / ``False`` keeps only those the final report does / does not carry."""
@@ -192,7 +181,7 @@ RECORDED_METRICS = tuple(dict.fromkeys(EPOCH_METRICS + FINAL_METRICS))
 #: The epoch means of the iteration losses (one QAT step returns these).
 EPOCH_LOSSES = (G_TOTAL, G_MARGIN, G_CE, G_BNS, S_LOSS)
 #: Cost figures repeated in every epoch's report, so early-stopped trials can be priced too.
-EPOCH_COSTS = (BITOPS, SIZE_BITS, ACT_SCALE_FACTORS, FINE_FRACTION)
+EPOCH_COSTS = names(Kind.EPOCH, final=True)
 #: What a search may optimise (validation side only: test figures are never chosen on).
 OBJECTIVE_METRICS = (VAL_DROP, VAL_TOP1, BEST_VAL_TOP1, VAL_TOP5, BITOPS, SIZE_BITS, COMPRESSION,
                      ACT_SCALE_FACTORS, FINE_FRACTION, ACT_MEMORY_BITS, LATENCY_MS)

@@ -29,7 +29,7 @@ from typing import Any
 from granq_search.errors import ConfigError
 
 __all__ = ["IMPORT_PATH", "is_import_path", "resolve_callable", "accepts_keyword", "call_with_accepted",
-           "code_roots", "worker_pythonpath"]
+           "code_roots", "worker_pythonpath", "first_line"]
 
 IMPORT_PATH = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
 """``package.module:attribute`` (the attribute may be dotted: ``module:Class.method``)."""
@@ -48,7 +48,8 @@ def _parts(spec: str, field: str) -> tuple[str, str]:
     return m.group("module"), m.group("attr")
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it), for one-line errors."""
     text = (str(err).strip().splitlines() or [""])[0][:200]
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
@@ -90,7 +91,7 @@ def resolve_callable(spec: str, *, field: str) -> Callable[..., Any]:
         raise ConfigError(f"importing '{module_name}' for '{spec}' failed: it imports '{missing}', which is not "
                           "installed; install it", field=field) from None
     except Exception as err:  # noqa: BLE001 - the user's module raised while importing
-        raise ConfigError(f"importing '{module_name}' for '{spec}' failed ({_first_line(err)}); fix that module",
+        raise ConfigError(f"importing '{module_name}' for '{spec}' failed ({first_line(err)}); fix that module",
                           field=field) from None
     obj: Any = module
     for part in attr.split("."):
@@ -106,29 +107,35 @@ def resolve_callable(spec: str, *, field: str) -> Callable[..., Any]:
     return obj
 
 
+def _keyword_names(fn: Callable[..., Any]) -> tuple[Mapping[str, inspect.Parameter], frozenset[str] | None]:
+    """(``fn``'s parameters, the names it accepts by keyword, or None when it takes ``**kwargs``).
+    Raises ``TypeError`` / ``ValueError`` for a callable without a signature (some builtins)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return params, None
+    return params, frozenset(n for n, p in params.items()
+                             if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+
+
 def accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
     """True when ``fn`` can be called with the keyword argument ``name`` (or has no signature)."""
     try:
-        params = inspect.signature(fn).parameters
+        _, accepted = _keyword_names(fn)
     except (TypeError, ValueError):
         return True
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return True
-    p = params.get(name)
-    return p is not None and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return accepted is None or name in accepted
 
 
 def call_with_accepted(fn: Callable[..., Any], offered: Mapping[str, Any], *, spec: str, field: str) -> Any:
     """Call ``fn`` with the keyword arguments of ``offered`` that it declares (all of them when it
     takes ``**kwargs``). A required parameter that is not offered is a :class:`ConfigError`."""
     try:
-        params = inspect.signature(fn).parameters
+        params, accepted = _keyword_names(fn)
     except (TypeError, ValueError):  # builtins without a signature: offer nothing
         return fn()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if accepted is None:
         return fn(**offered)
-    kwargs = {k: v for k, v in offered.items() if k in params and
-              params[k].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    kwargs = {k: v for k, v in offered.items() if k in accepted}
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs
                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
     if missing:
@@ -158,9 +165,8 @@ def code_roots(specs: Iterable[object]) -> list[str]:
     for spec in specs:
         if not is_import_path(spec):
             continue
-        module_name, _ = _parts(str(spec), "import path")
-        resolve_callable(str(spec), field="import path")
-        top = module_name.split(".")[0]
+        resolve_callable(str(spec), field="import path")  # the path is well-formed from here on
+        top = str(spec).split(":", 1)[0].split(".")[0]
         module = sys.modules.get(top)
         file = getattr(module, "__file__", None)
         if not file:

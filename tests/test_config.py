@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from granq_search.config import (
     ExperimentConfig,
@@ -84,3 +85,34 @@ def test_unknown_preset_and_missing_file(tmp_path):
     empty.write_text("")
     with pytest.raises(ConfigError, match="is empty"):
         load_config(str(empty))
+
+
+def test_dump_config_portable_drops_machine_settings_at_any_depth(monkeypatch):
+    import granq_search.config as config_module
+
+    cfg = ExperimentConfig()
+    monkeypatch.setattr(config_module, "MACHINE_SETTINGS", ("data.num_workers", "optim.student.momentum"))
+    doc = yaml.safe_load(dump_config(cfg, portable=True))
+    assert "num_workers" not in doc["data"] and "momentum" not in doc["optim"]["student"]
+    assert "lr" in doc["optim"]["student"]
+    full = yaml.safe_load(dump_config(cfg))
+    assert "momentum" in full["optim"]["student"] and "num_workers" in full["data"]
+
+
+def test_config_from_data_names_its_source_and_load_config_keeps_the_file_wording(tmp_path):
+    from granq_search.config import config_from_data
+
+    assert config_from_data({"train": {"epochs": 9}}, "x", {"train.epochs": 8}).train.epochs == 8
+    with pytest.raises(ConfigError, match="^the config mapping must hold a mapping of sections, not list$"):
+        config_from_data([1], "the config mapping")
+    bad = tmp_path / "v.yaml"
+    bad.write_text("config_version: 7\n")
+    with pytest.raises(ConfigError, match=r"config file '.*v\.yaml' has config_version 7"):
+        load_config(str(bad))
+
+
+def test_public_names_are_exported():
+    import granq_search.config as config_module
+
+    for name in ("machine_neutral", "MACHINE_SETTINGS", "split_document", "read_yaml", "config_from_data"):
+        assert name in config_module.__all__ and hasattr(config_module, name)

@@ -134,3 +134,19 @@ def test_shared_resnet20_full_precision(capsys, shared):
     assert doc["splits"]["all"]["n"] == 10000
     assert round(doc["splits"]["all"]["fp"]["top1"], 2) == 81.03
     assert doc["model"]["checkpoint_sha256"] == "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"
+
+
+def test_data_flag_takes_builtin_names_and_import_paths(capsys):
+    """``--data`` is checked by the config (one line), so MODULE:FACTORY is accepted like in a config."""
+    from granq_search.cli import cmd_evaluate
+    from granq_search.config import BUILTIN_DATASETS
+
+    line = _one_line_error(capsys, "--data", "cifar11")
+    assert "data.dataset: 'cifar11' is not allowed" in line and "'digits'" in line and "MODULE:FACTORY" in line
+    parser = cli_main.build_parser()
+    args = parser.parse_args(["evaluate", "--data", "mydata:build"])
+    assert cmd_evaluate.build_config(args).data.dataset == "mydata:build"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in BUILTIN_DATASETS) and "MODULE:FACTORY" in help_text

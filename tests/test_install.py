@@ -166,8 +166,10 @@ def test_wheel_and_pip_install_work_from_anywhere(tmp_path):
         ("tiny", "finished", 2, 2, "outcome")
     c = tiny["counts"]
     assert c["running"] == 0 and c["complete"] + c["pruned"] + c["fail"] - c["duplicates"] == 2
+    # trials that cannot import the installed package (Ray workers) would fail: none may
+    assert c["fail"] == 0 and c["complete"] >= 1, c
     assert tiny["space_file"] == str(space_dir / "digits.yaml") and doc["latest"] == "tiny"
-    assert c["complete"] == 0 or Path(tiny["best_config"]).is_file()
+    assert Path(tiny["best_config"]).is_file()
 
 
 @pytest.mark.slow

@@ -25,11 +25,11 @@ import math
 import os
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 from granq_search import metrics as M
+from granq_search.cli.cmd_export import fmt_num as _fmt
 from granq_search.cli.common import add_format_flag, emit_json, set_threads
 from granq_search.errors import GranqError
 
@@ -95,10 +95,6 @@ def load_bundle(source: str, which: str, tracking_uri: str | None = None):
     return student_io.load_student_dir(source, which=which)
 
 
-def _tmp_next_to(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 def _check_target(path: Path, flag: str) -> None:
     if path.is_dir():
         raise GranqError(f"{flag} '{path}' is a directory; give a file name such as student.onnx")
@@ -129,12 +125,8 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
-
-
 def run(args: argparse.Namespace) -> int:
-    from granq_search.export.onnx_export import DEFAULT_OPSET, onnx_summary, require_onnx
+    from granq_search.export.onnx_export import DEFAULT_OPSET, require_onnx
 
     require_onnx()  # before anything is loaded: one line telling how to install
     set_threads(args.threads)
@@ -172,7 +164,6 @@ def run(args: argparse.Namespace) -> int:
                     d.rmdir()
                 except OSError:
                     pass
-    doc["summary"] = {k: v for k, v in onnx_summary(output).items() if k != "metadata"}
     doc["mlflow"] = _log_to_run(args.run, args.tracking_uri, output, doc)
 
     if args.format == "json":
@@ -184,13 +175,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace, bundle, output: Path, fp_output: Path | None, opset: int,
             pending: list[tuple[Path, Path]], scratch: Path) -> dict[str, Any]:
-    from granq_search.export.onnx_export import export_float_onnx, export_onnx, onnx_summary
+    from granq_search.export.onnx_export import export_float_onnx, export_onnx, onnx_summary, tmp_path
     from granq_search.export.onnx_verify import verify_onnx
 
-    q_tmp = _tmp_next_to(output)
+    q_tmp = tmp_path(output)
     pending.append((q_tmp, output))
     export_onnx(bundle.model, bundle.in_shape, q_tmp, opset=opset)
-    meta = onnx_summary(q_tmp)["metadata"]
+    summary = onnx_summary(q_tmp)  # once: the file is only renamed from here on
+    meta = summary.pop("metadata")
 
     setup = None
     if args.verify or fp_output is not None:
@@ -214,7 +206,7 @@ def _deploy(args: argparse.Namespace, bundle, output: Path, fp_output: Path | No
 
         float_model = create_model(bundle.cfg.model.name, num_classes=bundle.cfg.model.num_classes)
     if fp_output is not None:
-        fp_path = _tmp_next_to(fp_output)
+        fp_path = tmp_path(fp_output)
         pending.append((fp_path, fp_output))
     else:
         fp_path = scratch / "teacher_fp.onnx"
@@ -237,6 +229,7 @@ def _deploy(args: argparse.Namespace, bundle, output: Path, fp_output: Path | No
         M.TEACHER_VAL_TOP1: setup.teacher_val.get("top1") if setup is not None else None,
         "sites": json.loads(meta.get("granq.sites", "[]")),
         "layers": json.loads(meta.get("granq.layers", "[]")),
+        "summary": summary,
     }
 
 
@@ -281,8 +274,10 @@ def _log_to_run(source: str, tracking_uri: str | None, output: Path, doc: dict[s
         client.log_metric(run_id, M.ONNX_BYTES, float(doc["bytes"]))
         return {"run_id": run_id, "artifact": f"onnx/{output.name}"}
     except Exception as e:  # noqa: BLE001 - the ONNX file is written; recording it is secondary
+        from granq_search.tracking.mlflow_io import one_line
+
         print(f"warning: the ONNX file was not logged to the student's MLflow run ({type(e).__name__}: "
-              f"{' '.join(str(e).split())[:200]})", file=sys.stderr)
+              f"{one_line(e)[:200]})", file=sys.stderr)
         return None
 
 

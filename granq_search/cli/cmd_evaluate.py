@@ -22,6 +22,7 @@ import torch
 from granq_search import metrics as M
 from granq_search.cli.common import add_config_flags, add_format_flag, add_runtime_flags, emit_json, set_threads
 from granq_search.config import (
+    BUILTIN_DATASETS,
     ExperimentConfig,
     list_presets,
     load_config,
@@ -67,8 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--model", metavar="NAME", help="registry name (see --list-models)")
     g.add_argument("--checkpoint", metavar="PATH", help="local weights file for the model")
     g.add_argument("--num-classes", type=int, metavar="N", help="classifier size (default: the model's)")
-    g.add_argument("--data", choices=["digits", "cifar10", "cifar100", "imagefolder", "imagenet"],
-                   help="evaluation dataset")
+    g.add_argument("--data", metavar="DATASET",
+                   help=f"evaluation dataset: {', '.join(BUILTIN_DATASETS)}, or MODULE:FACTORY for your own data")
     g.add_argument("--data-root", metavar="DIR", help="dataset folder (CIFAR root, image folder, ImageNet val)")
     g.add_argument("--max-samples", type=int, metavar="N", help="random subset of N images before splitting")
     g.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch size")

@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from granq_search.cli.cmd_leaderboard import add_store_flags, note_store, open_store, store_errors
+from granq_search.cli.cmd_leaderboard import add_store_flags, env_hint, note_store, open_store
 from granq_search.cli.common import emit_json
 
 
@@ -43,7 +43,8 @@ def _rule(args: argparse.Namespace) -> str:
     return "best"
 
 
-def _fmt(v, spec: str) -> str:
+def fmt_num(v, spec: str) -> str:
+    """``v`` formatted with ``spec``; ``-`` for None and NaN / inf (also used by ``deploy``)."""
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
@@ -51,14 +52,17 @@ def run(args: argparse.Namespace) -> int:
     from granq_search.config import parse_set_args
     from granq_search.errors import GranqError
     from granq_search.export.production import plan_export, write_export
+    from granq_search.tracking.leaderboard import load_runs
 
     if args.max_drop is not None and not (math.isfinite(args.max_drop) and args.max_drop >= 0):
         raise GranqError(f"--max-drop must be a number of points >= 0, got {args.max_drop}")
     overrides = parse_set_args(args.set)
     store = open_store(args)
-    with store_errors(store):
-        plan = plan_export(store.tracking_uri, args.search, _rule(args), trial=args.trial, max_drop=args.max_drop,
-                           overrides=overrides, production=not args.search_budget, experiment=store.experiment)
+    with env_hint(store):  # only reading the store: "no finished trial" etc. are not the store's choice
+        board = load_runs(store.tracking_uri, args.search, experiment=store.experiment)
+    plan = plan_export(store.tracking_uri, args.search, _rule(args), trial=args.trial, max_drop=args.max_drop,
+                       overrides=overrides, production=not args.search_budget, experiment=store.experiment,
+                       board=board)
     note_store(store)
     output = Path(args.output) if args.output else Path(args.output_dir) / plan.board.search / "best.yaml"
     path = write_export(plan, output)
@@ -68,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     m = prov["metrics"]
     print(f"exported trial {prov['trial']} of search '{prov['search']}' ({prov['rule']}) to {path}")
-    print(f"  val top-1 {_fmt(m['val_top1'], '.2f')}%  drop {_fmt(m['val_drop'], '.2f')}  "
-          f"test top-1 {_fmt(m['test_top1'], '.2f')}%  BitOPs {_fmt(m['bitops'], '.4g')}  "
-          f"size {_fmt(m['size_bits'] / 8192 if m['size_bits'] is not None else None, '.1f')} KiB")
+    print(f"  val top-1 {fmt_num(m['val_top1'], '.2f')}%  drop {fmt_num(m['val_drop'], '.2f')}  "
+          f"test top-1 {fmt_num(m['test_top1'], '.2f')}%  BitOPs {fmt_num(m['bitops'], '.4g')}  "
+          f"size {fmt_num(m['size_bits'] / 8192 if m['size_bits'] is not None else None, '.1f')} KiB")
     if plan.replaced:
         changes = ", ".join(f"{k} {v['search']} -> {v['production']}" for k, v in plan.replaced.items())
         print(f"  budget: production ({changes})")

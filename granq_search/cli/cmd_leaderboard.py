@@ -15,7 +15,7 @@ from granq_search.tracking.schema import DEFAULT_EXPERIMENT
 if TYPE_CHECKING:  # pragma: no cover
     from granq_search.tracking.uri import TrackingStore
 
-DEFAULT_OUTPUT_DIR = "runs/search"
+from granq_search.cli.common import DEFAULT_OUTPUT_DIR
 
 
 def add_store_flags(p: argparse.ArgumentParser) -> None:
@@ -59,8 +59,9 @@ def _from_env(store: TrackingStore) -> list[str]:
 
 
 @contextlib.contextmanager
-def store_errors(store: TrackingStore) -> Iterator[None]:
-    """A TrackingError while reading ``store`` names the environment variables that chose it."""
+def env_hint(store: TrackingStore) -> Iterator[None]:
+    """A TrackingError while reading ``store`` names the environment variables that chose it
+    (wrap only the reading of the store: other errors are not the store's choice)."""
     try:
         yield
     except TrackingError as e:
@@ -76,8 +77,8 @@ def open_store(args: argparse.Namespace) -> TrackingStore:
     else the defaults); an existing store (reading never creates one)."""
     from granq_search.tracking.uri import require_existing_store, resolve_store
 
-    store = resolve_store(args.tracking_uri, getattr(args, "experiment", None), Path(args.output_dir))
-    with store_errors(store):
+    store = resolve_store(args.tracking_uri, args.experiment, Path(args.output_dir))
+    with env_hint(store):
         require_existing_store(store.tracking_uri, args.output_dir)
     return store
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not str(value).lower().endswith(".png"):
             raise GranqError(f"{flag} {value}: give a .png file name")
     store = open_store(args)
-    with store_errors(store):
+    with env_hint(store):
         board = load_runs(store.tracking_uri, args.search, experiment=store.experiment)
     note_store(store)
     text = format_leaderboard(board, args.format, top=args.top, all_trials=args.all)

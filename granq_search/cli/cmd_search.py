@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import sys
 
-from granq_search.cli.common import add_format_flag, emit_json
+from granq_search.cli.common import DEFAULT_OUTPUT_DIR, add_format_flag, emit_json
 from granq_search.config import parse_set_args
 from granq_search.tracking.uri import redact_uri
 
@@ -29,8 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="trials running at once (default: 2)")
     p.add_argument("--name", default=None, help="search name (default: SPACE-TIMESTAMP; with --resume: the "
                    "latest search in --output-dir)")
-    p.add_argument("--output-dir", default="runs/search", metavar="DIR",
-                   help="where searches live: DIR/NAME/..., MLflow store DIR/mlflow.db (default: runs/search)")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
+                   help=f"where searches live: DIR/NAME/..., MLflow store DIR/mlflow.db (default: {DEFAULT_OUTPUT_DIR})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the space's base, e.g. --set data.root=/data/cifar10; on a "
                    "fidelity key (train.epochs, ...) it changes only the search budget; a searched parameter given "
@@ -69,6 +69,23 @@ def _summary(outcome) -> str:
             f"{outcome.wall_time_s:.0f} s; Optuna: {', '.join(parts)}")
 
 
+def _store_flags(outcome, args: argparse.Namespace) -> str:
+    """``--tracking-uri``/``--experiment`` for the leaderboard hint: those of the outcome (the
+    search's own, also a resumed search's kept ones) wherever the leaderboard's defaults would
+    not find them. (``outcome.tracking_uri`` is already redacted; redacting again is harmless.)"""
+    from granq_search.tracking.schema import DEFAULT_EXPERIMENT
+    from granq_search.tracking.uri import resolve_store
+
+    flags = ""
+    if outcome.tracking_uri:
+        default = resolve_store(None, None, args.output_dir, check=False, environ={}).tracking_uri
+        if args.resume or args.tracking_uri or outcome.tracking_uri != default:
+            flags += f" --tracking-uri {redact_uri(outcome.tracking_uri)}"
+    if outcome.experiment and outcome.experiment != DEFAULT_EXPERIMENT:
+        flags += f" --experiment {outcome.experiment}"
+    return flags
+
+
 def run(args: argparse.Namespace) -> int:
     from granq_search.search.runner import run_search
 
@@ -104,11 +121,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"train it at full budget: granq-search train --config {outcome.best_config}")
         if outcome.tracking_uri:
             print(f"MLflow: {redact_uri(outcome.tracking_uri)}, experiment '{outcome.experiment}'")
-        uri_flag = f" --tracking-uri {redact_uri(outcome.tracking_uri)}" if args.tracking_uri else ""
-        if args.experiment:
-            uri_flag += f" --experiment {outcome.experiment}"
         print(f"search folder: {outcome.path}  (leaderboard: granq-search leaderboard "
-              f"--output-dir {args.output_dir} --search {outcome.name}{uri_flag})")
+              f"--output-dir {args.output_dir} --search {outcome.name}{_store_flags(outcome, args)})")
     if outcome.status == "interrupted":
         print(f"error: search {outcome.name} was interrupted; continue it with: granq-search search "
               f"--resume --name {outcome.name} --output-dir {args.output_dir}", file=sys.stderr)

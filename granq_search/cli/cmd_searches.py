@@ -8,12 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from granq_search.cli.common import add_format_flag, emit_json
+from granq_search.cli.common import DEFAULT_OUTPUT_DIR, add_format_flag, emit_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from granq_search.search.catalog import SearchSummary
-
-DEFAULT_OUTPUT_DIR = "runs/search"
 
 COLUMNS = ("name", "status", "trials", "complete", "pruned", "failed", "running", "created", "updated",
            "space", "objectives")

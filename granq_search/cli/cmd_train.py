@@ -22,6 +22,7 @@ from granq_search.cli.common import (
 from granq_search.config import dump_config, read_yaml, split_document
 from granq_search.errors import GranqError
 from granq_search.jsonutil import json_safe
+from granq_search.pipeline.checkpoint import has_checkpoint
 from granq_search.pipeline.reporter import CompositeReporter, Reporter
 from granq_search.pipeline.terminal import TerminalReporter
 
@@ -88,7 +89,7 @@ def _default_dir(config: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from granq_search.pipeline.trainer import build_setup, run_training
+    from granq_search.pipeline.trainer import build_setup, check_checkpoint_dir, run_training
 
     threads = args.threads
     if threads is None:
@@ -100,11 +101,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(args.output_dir) if args.output_dir else _default_dir(args.config)
     ckpt_dir = out / "checkpoints"
-    if args.resume and not (ckpt_dir / "last.pt").is_file():
-        raise GranqError(f"nothing to resume: '{ckpt_dir / 'last.pt'}' does not exist; drop --resume")
     if not args.resume and out.exists() and any(out.iterdir()):
         raise GranqError(f"output directory '{out}' is not empty; pass --resume to continue it or "
                          "choose another --output-dir")
+    check_checkpoint_dir(ckpt_dir, args.resume)  # before anything is recorded or created
     target = None
     if not args.no_tracking:  # an unusable store fails here, before anything is trained or created
         from granq_search.tracking.train_target import resolve_target
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     except BaseException as err:
         if tracker is not None:
             tracker.abort(err)
-        if created and not (ckpt_dir / "last.pt").is_file():
+        if created and not has_checkpoint(ckpt_dir):
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping was written
         raise
     torch.save(result.student.state_dict(), out / "student_final.pt")

@@ -14,7 +14,10 @@ from granq_search.errors import GranqError
 from granq_search.jsonutil import json_safe
 
 __all__ = ["add_config_flags", "add_runtime_flags", "add_format_flag", "config_from_args", "emit_json",
-           "set_threads"]
+           "set_threads", "DEFAULT_OUTPUT_DIR"]
+
+DEFAULT_OUTPUT_DIR = "runs/search"
+"""Where searches live (``--output-dir`` of search, searches and leaderboard)."""
 
 
 def add_config_flags(p: argparse.ArgumentParser, default: str | None = "digits") -> None:

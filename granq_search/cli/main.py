@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from granq_search.errors import GranqError
+from granq_search.tracking.provenance import package_version
 
 __all__ = ["main", "build_parser", "package_version", "UsageError"]
 
@@ -37,16 +38,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}; see '{self.prog} --help'")
 
 
-def package_version() -> str:
-    """The installed distribution's version; ``granq_search.__version__`` when it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
+class _VersionAction(argparse.Action):
+    """``--version``: the version is looked up only when asked for."""
 
-    try:
-        return version("granq_search")
-    except PackageNotFoundError:
-        import granq_search
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
 
-        return granq_search.__version__
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser._print_message(f"granq-search {package_version()}\n", sys.stdout)  # as argparse's "version"
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "leaderboard, export and production training.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("--version", action="version", version=f"granq-search {package_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show program's version number and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module in COMMANDS.items():
         importlib.import_module(module).add_parser(sub)

@@ -32,11 +32,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from granq_search.config import DataConfig
+from granq_search.data.datasets import _loader, _meta, split_indices
 from granq_search.errors import DataError
-from granq_search.user_code import call_with_accepted, resolve_callable
+from granq_search.user_code import call_with_accepted, first_line, resolve_callable
 
 __all__ = ["build_custom_data", "SPLIT_KEYS"]
 
@@ -47,8 +48,6 @@ _FIELD = "data.dataset"
 def build_custom_data(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[float], image_size: int,
                       num_classes: int) -> tuple[DataLoader, DataLoader, dict[str, Any]]:
     """(val loader, test loader, meta) from the factory named by ``cfg.dataset``."""
-    from granq_search.data.datasets import split_indices
-
     spec = cfg.dataset
     factory = resolve_callable(spec, field=_FIELD)
     offered = {"root": cfg.root, "image_size": int(image_size), "in_channels": len(mean),
@@ -56,8 +55,7 @@ def build_custom_data(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[f
     try:
         made = call_with_accepted(factory, offered, spec=spec, field=_FIELD)
     except OSError as e:  # a missing or unreadable file: the user's to fix (other errors keep their traceback)
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"data factory '{spec}' cannot read its data ({type(e).__name__}: {first}); "
+        raise DataError(f"data factory '{spec}' cannot read its data ({first_line(e)}); "
                         "check data.root") from None
     extra: dict[str, Any] = {"source": f"data factory {spec}"}
     if isinstance(made, Mapping):
@@ -77,14 +75,8 @@ def build_custom_data(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[f
         _check_classes(made, num_classes, spec)
     for name, part in (("val", val), ("test", test)):
         _check_item(part, name, spec, len(mean), int(image_size), int(num_classes))
-    meta = {"dataset": spec, "root": cfg.root, "n_total": n_total, "n_val": len(val), "n_test": len(test),
-            "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction, "max_samples": cfg.max_samples, **extra}
-    return _loader(val, cfg), _loader(test, cfg), meta
-
-
-def _loader(ds: Dataset, cfg: DataConfig) -> DataLoader:
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                      persistent_workers=False)
+    meta = _meta(cfg, cfg.root, n_total, len(val), len(test), **extra)
+    return _loader(val, cfg, cfg.num_workers), _loader(test, cfg, cfg.num_workers), meta
 
 
 def _dataset(obj: Any, spec: str, what: str) -> Any:
@@ -140,8 +132,7 @@ def _check_item(ds: Any, split: str, spec: str, channels: int, size: int, num_cl
     try:
         item = ds[0]
     except Exception as e:  # noqa: BLE001 - the user's dataset raised
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"data factory '{spec}': reading {split}[0] failed ({type(e).__name__}: {first})") from None
+        raise DataError(f"data factory '{spec}': reading {split}[0] failed ({first_line(e)})") from None
     where = f"data factory '{spec}': {split}[0]"
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise DataError(f"{where} is a {type(item).__name__}; items must be (image, label) pairs")

@@ -37,8 +37,7 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from granq_search.config import DataConfig
-from granq_search.data.custom import build_custom_data
+from granq_search.config import BUILTIN_DATASETS, DataConfig
 from granq_search.data.digits import DIGITS_LEVELS, digits_eval_part
 from granq_search.errors import DataError
 from granq_search.user_code import is_import_path
@@ -113,6 +112,8 @@ def build_eval_data(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[flo
                     num_classes: int) -> EvalData:
     """Validation and test loaders for ``cfg.dataset`` normalised with the teacher's mean/std."""
     if is_import_path(cfg.dataset):
+        from granq_search.data.custom import build_custom_data  # custom.py imports this module
+
         if len(mean) != len(std):
             raise DataError(f"mean {tuple(mean)} and std {tuple(std)} must have one value per channel each")
         val, test, meta = build_custom_data(cfg, mean=tuple(mean), std=tuple(std), image_size=int(image_size),
@@ -120,21 +121,12 @@ def build_eval_data(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[flo
         return EvalData(val=val, test=test, num_classes=int(num_classes), meta=meta)
     if len(mean) != len(std) or len(mean) not in (1, 3):
         raise DataError(f"mean {tuple(mean)} and std {tuple(std)} must both have 1 or 3 values")
-    builders: dict[str, Callable[..., EvalData]] = {
-        "digits": _digits,
-        "cifar10": _cifar,
-        "cifar100": _cifar,
-        "imagefolder": _image_folder,
-        "imagenet": _image_folder,
-    }
-    return builders[cfg.dataset](cfg, tuple(mean), tuple(std), int(image_size), int(num_classes))
+    return _BUILDERS[cfg.dataset](cfg, tuple(mean), tuple(std), int(image_size), int(num_classes))
 
 
-def _meta(cfg: DataConfig, root: str | None, n_total: int, val: torch.Tensor, test: torch.Tensor,
-          **extra: Any) -> dict[str, Any]:
-    return {"dataset": cfg.dataset, "root": root, "n_total": n_total, "n_val": int(val.numel()),
-            "n_test": int(test.numel()), "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
-            "max_samples": cfg.max_samples, **extra}
+def _meta(cfg: DataConfig, root: str | None, n_total: int, n_val: int, n_test: int, **extra: Any) -> dict[str, Any]:
+    return {"dataset": cfg.dataset, "root": root, "n_total": n_total, "n_val": int(n_val), "n_test": int(n_test),
+            "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction, "max_samples": cfg.max_samples, **extra}
 
 
 def _check_classes(found: int, num_classes: int, what: str) -> None:
@@ -159,7 +151,7 @@ def _in_memory(images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, mean
         return ImageTensorDataset(images[idx], labels[idx], mean, std, levels)
 
     return EvalData(val=_loader(make(val), cfg, 0), test=_loader(make(test), cfg, 0),
-                    num_classes=num_classes, meta=_meta(cfg, root, n_total, val, test, **extra))
+                    num_classes=num_classes, meta=_meta(cfg, root, n_total, val.numel(), test.numel(), **extra))
 
 
 def _fit_channels_and_size(images: torch.Tensor, channels: int, image_size: int) -> torch.Tensor:
@@ -270,7 +262,7 @@ def _image_folder(cfg: DataConfig, mean, std, image_size: int, num_classes: int)
     n_total = len(samples)
     val, test = split_indices(n_total, cfg.val_fraction, cfg.split_seed, cfg.max_samples)
     n_used = int(val.numel() + test.numel())
-    meta = _meta(cfg, str(root), n_total if cfg.max_samples is None else n_used, val, test,
+    meta = _meta(cfg, str(root), n_total if cfg.max_samples is None else n_used, val.numel(), test.numel(),
                  classes=list(ds.classes))
     small = cfg.dataset == "imagefolder" and n_used * len(mean) * image_size ** 2 <= IN_MEMORY_LIMIT_BYTES
     if small:
@@ -313,3 +305,15 @@ def _decode_all(paths: list[str], mode: str, size: int, workers: int) -> torch.T
         for k in range(len(paths)):
             one(k)
     return out
+
+
+# --------------------------------------------------------------------------- the built-in table
+
+_BUILDERS: dict[str, Callable[..., EvalData]] = {
+    "digits": _digits,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
+    "imagefolder": _image_folder,
+    "imagenet": _image_folder,
+}
+assert set(_BUILDERS) == set(BUILTIN_DATASETS), "data.dataset's built-in names and the builders differ"

@@ -79,7 +79,8 @@ def _in_shape(in_shape) -> tuple[int, int, int, int]:
     return shape
 
 
-def _tmp_path(path: Path) -> Path:
+def tmp_path(path: Path) -> Path:
+    """A unique hidden temporary name next to ``path`` (moved into place once complete)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
@@ -94,10 +95,12 @@ def _torch_export(model: nn.Module, in_shape: tuple[int, ...], path: Path, opset
                           do_constant_folding=True)
 
 
-def _finish(path: Path, final: Path, metadata: dict[str, str]) -> None:
-    """Add metadata, check the model and move it into place atomically."""
+def _finish(path: Path, final: Path, metadata: dict[str, str], proto: Any = None) -> None:
+    """Add metadata, check the model and move it into place atomically (``proto``: the model at
+    ``path`` when the caller has loaded it already)."""
     onnx, _ = require_onnx()
-    proto = onnx.load(str(path))
+    if proto is None:
+        proto = onnx.load(str(path))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -130,16 +133,17 @@ def export_onnx(student: nn.Module, in_shape, path: str | Path, *, opset: int = 
                          "(granq_search.quant.prepare), or use export_float_onnx for a float model")
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(final)
+    tmp = tmp_path(final)
     try:
         _torch_export(model, shape, tmp, opset)
-        _check_integer_weights(tmp, layers)
+        proto = require_onnx()[0].load(str(tmp))  # parsed once: checked, then given its metadata
+        _check_integer_weights(proto, layers)
         metadata = {
             "granq.format": "granq_search quantized student v1",
             "granq.sites": json.dumps([a.describe() for a in acts]),
             "granq.layers": json.dumps([dict(layer.info) for layer in layers]),
         }
-        _finish(tmp, final, metadata)
+        _finish(tmp, final, metadata, proto)
     finally:
         tmp.unlink(missing_ok=True)
     return final
@@ -156,7 +160,7 @@ def export_float_onnx(float_model: nn.Module, in_shape, path: str | Path, *, ops
     model = copy.deepcopy(float_model).cpu().float().eval()
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(final)
+    tmp = tmp_path(final)
     try:
         _torch_export(model, shape, tmp, opset)
         _finish(tmp, final, {"granq.format": "granq_search float model v1"})
@@ -165,14 +169,12 @@ def export_float_onnx(float_model: nn.Module, in_shape, path: str | Path, *, ops
     return final
 
 
-def _check_integer_weights(path: Path, layers: list[_WeightExport]) -> None:
+def _check_integer_weights(proto: Any, layers: list[_WeightExport]) -> None:
     """Every quantized layer's codes are an 8-bit initializer feeding ``DequantizeLinear`` and
     no float copy of its weight is in the file (no exporter pass folded the dequantization).
     Compares contents, not names: the exporter may rename or share identical initializers."""
-    onnx, _ = require_onnx()
     from onnx import TensorProto, numpy_helper
 
-    proto = onnx.load(str(path))
     inits = {t.name: t for t in proto.graph.initializer}
     dq_codes = set()
     for n in proto.graph.node:

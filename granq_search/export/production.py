@@ -29,7 +29,6 @@ from granq_search.config import (
     get_path,
     machine_neutral,
     split_document,
-    to_dict,
     with_overrides,
 )
 from granq_search.errors import ConfigError, SearchSpaceError, TrackingError
@@ -93,10 +92,10 @@ def _recorded_space(board: Leaderboard) -> tuple[SearchSpace, str]:
         raise TrackingError(str(e)) from None
 
 
-def _trial_values(client, row: pd.Series, space: SearchSpace) -> dict[str, Any]:
-    """The searched values the trial of ``row`` ran with: its child run's tag ``granq.proposal``."""
-    tags = client.get_run(str(row["run_id"])).data.tags
-    raw = tags.get(TAG.PROPOSAL)
+def _trial_values(board: Leaderboard, row: pd.Series, space: SearchSpace) -> dict[str, Any]:
+    """The searched values the trial of ``row`` ran with: its child run's tag ``granq.proposal``
+    (read with the leaderboard: ``board.proposals``)."""
+    raw = board.proposals.get(str(row["run_id"]))
     try:
         values = json.loads(raw) if raw else None
     except ValueError:
@@ -125,18 +124,18 @@ def _metric(row: pd.Series, key: str) -> Any:
 
 def plan_export(tracking_uri: str, search: str | None = None, rule: str = "best", *, trial: str | None = None,
                 max_drop: float | None = None, overrides: Mapping[str, Any] | None = None,
-                production: bool = True, experiment: str = DEFAULT_EXPERIMENT, client=None) -> ExportPlan:
-    """Select the trial, build its config from the recorded space, apply overrides, validate."""
-    if client is None:
-        from granq_search.tracking.uri import require_existing_store
-        from mlflow.tracking import MlflowClient
+                production: bool = True, experiment: str = DEFAULT_EXPERIMENT, client=None,
+                board: Leaderboard | None = None) -> ExportPlan:
+    """Select the trial, build its config from the recorded space, apply overrides, validate.
 
-        require_existing_store(tracking_uri)
-        client = MlflowClient(tracking_uri)
-    board = load_runs(tracking_uri, search, experiment=experiment, client=client)
+    ``board``: the search's leaderboard when the caller has read it (``load_runs``), else it is
+    read here (``client``: an MlflowClient of ``tracking_uri``; by default one is opened, on an
+    existing store only)."""
+    if board is None:
+        board = load_runs(tracking_uri, search, experiment=experiment, client=client)
     row = select_trial(board.df, rule, trial=trial, max_drop=max_drop, objectives=board.objectives)
     space, source = _recorded_space(board)
-    values = _trial_values(client, row, space)
+    values = _trial_values(board, row, space)
 
     searched_cfg = space.trial_config(values)
     cfg = searched_cfg
@@ -216,9 +215,3 @@ def export_config(tracking_uri: str, search: str | None = None, rule: str = "bes
                        production=production, experiment=experiment)
     return write_export(plan, output)
 
-
-def config_summary(cfg: ExperimentConfig) -> dict[str, Any]:  # used by the CLI's table output
-    flat = to_dict(cfg)
-    return {"model": flat["model"]["name"], "epochs": flat["train"]["epochs"],
-            "weight_bits": flat["quant"]["weight"]["bits"], "act_bits": flat["quant"]["act"]["bits"],
-            "act_granularity": flat["quant"]["act"]["granularity"]}

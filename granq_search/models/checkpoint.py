@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from granq_search.errors import CheckpointError
+from granq_search.user_code import first_line
 
 __all__ = ["load_checkpoint", "read_state_dict", "load_state_dict_into", "sha256_file"]
 
@@ -39,11 +40,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped and with prefixes stripped."""
     p = Path(path)
@@ -54,7 +50,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ValueError, ...
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({_first_line(e)}); "
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({first_line(e)}); "
                               "pass a file saved with torch.save(model.state_dict(), ...)") from None
     return _unwrap(obj, str(path))
 

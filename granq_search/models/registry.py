@@ -59,12 +59,12 @@ _TABLE: Mapping[str, ModelEntry] = _build_table(MODEL_MODULES)
 def _own_entry(spec: str) -> ModelEntry:
     factory = resolve_callable(spec, field=_FIELD)
     entry = declared_entry(spec, factory)
-    if entry is not None and not accepts_keyword(factory, "num_classes"):
-        raise ConfigError(f"'{spec}' must take the keyword argument num_classes (the head size); add it",
-                          field=_FIELD)
     if entry is None:
         raise ConfigError(f"'{spec}' does not declare its inputs; decorate it with @granq_search.models.model_factory("
                           "num_classes=..., image_size=..., in_channels=..., mean=..., std=...)", field=_FIELD)
+    if not accepts_keyword(factory, "num_classes"):
+        raise ConfigError(f"'{spec}' must take the keyword argument num_classes (the head size); add it",
+                          field=_FIELD)
     return entry
 
 

@@ -10,6 +10,7 @@ batches (``evaluate``), noise (cost estimate; the costs do not depend on the val
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -19,8 +20,8 @@ from torch import nn
 
 from granq_search.config import ExperimentConfig
 
-__all__ = ["resolve_config", "input_shape", "build_student", "calibrate_student", "efficiency_figures",
-           "build_generator", "student_optimizer", "generator_optimizer"]
+__all__ = ["resolve_config", "is_resolved", "input_shape", "device_of", "build_student", "calibrate_student",
+           "efficiency_figures", "build_generator", "student_optimizer", "generator_optimizer"]
 
 
 def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -37,6 +38,12 @@ def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return replace(cfg, model=model)
 
 
+def is_resolved(cfg: ExperimentConfig) -> bool:
+    """True when ``cfg`` needs no :func:`resolve_config` (normalisation and image size set)."""
+    m = cfg.model
+    return m.mean is not None and m.std is not None and m.image_size is not None
+
+
 def input_shape(cfg: ExperimentConfig) -> tuple[int, int, int, int]:
     """``(1, C, S, S)``: one image of the model of a resolved ``cfg``."""
     from granq_search.models import model_info
@@ -45,11 +52,10 @@ def input_shape(cfg: ExperimentConfig) -> tuple[int, int, int, int]:
     return (1, model_info(cfg.model.name, cfg.model.num_classes).in_channels, size, size)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    home = next(iter(model.parameters()), None)
-    if home is None:
-        home = next(iter(model.buffers()), None)
-    return home.device if home is not None else torch.device("cpu")
+def device_of(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter (else first buffer); None when it holds no tensor."""
+    home = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return home.device if home is not None else None
 
 
 def build_student(cfg: ExperimentConfig, device: str | torch.device = "cpu", *,
@@ -64,24 +70,28 @@ def build_student(cfg: ExperimentConfig, device: str | torch.device = "cpu", *,
     from granq_search.models import create_model
     from granq_search.quant import prepare
 
-    cfg = resolve_config(cfg)
+    if not is_resolved(cfg):
+        cfg = resolve_config(cfg)
     in_shape = input_shape(cfg)
     if float_model is None:
         float_model = create_model(cfg.model.name, num_classes=cfg.model.num_classes).eval()
-    example = torch.zeros(in_shape, device=_device_of(float_model))
+    home = device_of(float_model)
+    example = torch.zeros(in_shape, device=home if home is not None else torch.device("cpu"))
     student = prepare(float_model, cfg.quant, example_input=example)
     return student.to(device).eval(), in_shape
 
 
-def calibrate_student(student: nn.Module, batches: Callable[[], Iterable[Any]]) -> list[Any] | None:
+def calibrate_student(student: nn.Module, batches: Callable[[], Iterable[Any]], *,
+                      device: torch.device | str | None = None) -> list[Any] | None:
     """Calibrate the sites that need it (static ranges, threshold decisions) on ``batches()``,
-    drawn only then; returns the batches used, or None when no site needs calibration."""
+    drawn only then; returns the batches used, or None when no site needs calibration.
+    ``device``: where the inputs are moved (None: used as given)."""
     from granq_search.quant import calibrate, needs_calibration
 
     if not needs_calibration(student):
         return None
     used = list(batches())
-    calibrate(student, used)
+    calibrate(student, used, device=device)
     return used
 
 
@@ -92,11 +102,13 @@ def efficiency_figures(student: nn.Module, in_shape: tuple[int, ...]) -> dict[st
     return {k: v for k, v in efficiency(student, in_shape).items() if not isinstance(v, (list, dict))}
 
 
-def build_generator(cfg: ExperimentConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """The conditional generator of a resolved ``cfg``, for the model's classes, size and channels."""
+def build_generator(cfg: ExperimentConfig, device: str | torch.device = "cpu", *,
+                    in_shape: tuple[int, int, int, int] | None = None) -> nn.Module:
+    """The conditional generator of a resolved ``cfg``, for the model's classes, size and channels
+    (``in_shape``: :func:`input_shape` of ``cfg`` when the caller has it already)."""
     from granq_search.generator import build_generator as generator_network
 
-    _, chans, size, _ = input_shape(cfg)
+    _, chans, size, _ = in_shape if in_shape is not None else input_shape(cfg)
     return generator_network(cfg.generator, num_classes=cfg.model.num_classes, image_size=size,
                              channels=chans).to(device)
 

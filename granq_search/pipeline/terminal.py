@@ -33,10 +33,20 @@ def summary_rows(final: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
     if M.PTQ_VAL_TOP1 in v:
         rows.append(("post-training val / test", f"{_pct(v[M.PTQ_VAL_TOP1])} / {_pct(v[M.PTQ_TEST_TOP1])}"))
+    if M.TEST_TOP1 in v:
+        rows += [
+            ("final student val / test", f"{_pct(v[M.VAL_TOP1])} / {_pct(v[M.TEST_TOP1])}"),
+            (f"best-val student (epoch {v[M.BEST_EPOCH]})",
+             f"{_pct(v[M.BEST_VAL_TOP1])} / {_pct(v[M.BEST_TEST_TOP1])}"),
+            ("drop vs FP (val / test)", f"{v[M.VAL_DROP]:+.2f} / {v[M.TEST_DROP]:+.2f} points"),
+        ]
+    else:  # stopped early: not evaluated on the test split
+        rows += [
+            ("final student val", _pct(v[M.VAL_TOP1])),
+            (f"best-val student (epoch {v[M.BEST_EPOCH]})", _pct(v[M.BEST_VAL_TOP1])),
+            ("drop vs FP (val)", f"{v[M.VAL_DROP]:+.2f} points"),
+        ]
     rows += [
-        ("final student val / test", f"{_pct(v[M.VAL_TOP1])} / {_pct(v[M.TEST_TOP1])}"),
-        (f"best-val student (epoch {v[M.BEST_EPOCH]})", f"{_pct(v[M.BEST_VAL_TOP1])} / {_pct(v[M.BEST_TEST_TOP1])}"),
-        ("drop vs FP (val / test)", f"{v[M.VAL_DROP]:+.2f} / {v[M.TEST_DROP]:+.2f} points"),
         ("bit-operations", f"{v[M.BITOPS]:.4g} ({v[M.BITOPS_FP] / max(v[M.BITOPS], 1):.1f}x fewer than FP)"),
         ("size", f"{v[M.SIZE_BITS] / 8 / 1024:.1f} KiB ({v[M.COMPRESSION]:.2f}x smaller than FP)"),
         ("activation scales / image", f"{v[M.ACT_SCALE_FACTORS]} (fine sites {100 * v[M.FINE_FRACTION]:.0f} %)"),

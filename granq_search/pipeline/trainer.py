@@ -29,6 +29,8 @@ from granq_search.pipeline.build import (
     calibrate_student,
     efficiency_figures,
     generator_optimizer,
+    input_shape,
+    is_resolved,
     resolve_config,
     student_optimizer,
 )
@@ -39,7 +41,7 @@ from granq_search.pipeline.schedule import lr_factor, set_lr
 from granq_search.quant import needs_calibration, site_report
 
 __all__ = ["run_training", "TrainingDiverged", "resolve_device", "Setup", "build_setup", "TrainResult",
-           "measure_latency", "qat_step", "TeacherMetrics", "latency_shape"]
+           "measure_latency", "qat_step", "TeacherMetrics", "latency_shape", "check_checkpoint_dir"]
 
 
 class TrainingDiverged(GranqError):
@@ -91,11 +93,11 @@ def build_setup(cfg: ExperimentConfig, device: str | torch.device = "auto", *,
     on the same data) skips evaluating it again.
     """
     from granq_search.data import build_eval_data
-    from granq_search.models import build_teacher, create_model, model_info
+    from granq_search.models import build_teacher, create_model
 
     dev = resolve_device(device)
     cfg = resolve_config(cfg)
-    in_channels = model_info(cfg.model.name, cfg.model.num_classes).in_channels
+    in_channels = input_shape(cfg)[1]
     # data first: a wrong folder fails in a second, before any teacher is loaded or trained
     data = build_eval_data(cfg.data, mean=cfg.model.mean, std=cfg.model.std,
                            image_size=cfg.model.image_size, num_classes=cfg.model.num_classes)
@@ -192,6 +194,18 @@ def qat_step(teacher: nn.Module, student: nn.Module, generator: nn.Module, opt_g
     return out
 
 
+def check_checkpoint_dir(checkpoint_dir: str | Path | None, resume: bool) -> None:
+    """Raise :class:`GranqError` (one line) when ``resume`` finds no checkpoint in
+    ``checkpoint_dir``, or when a fresh run would overwrite one there."""
+    if resume and not has_checkpoint(checkpoint_dir):
+        where = f"'{Path(checkpoint_dir) / LAST}' does not exist" if checkpoint_dir is not None else \
+            "no checkpoint directory was given"
+        raise GranqError(f"nothing to resume: {where}; drop --resume")
+    if not resume and has_checkpoint(checkpoint_dir):
+        raise GranqError(f"'{checkpoint_dir}' already holds a training checkpoint; pass --resume to "
+                         "continue it or choose another output directory")
+
+
 def run_training(
     cfg: ExperimentConfig,
     *,
@@ -206,7 +220,8 @@ def run_training(
     """Run the generator + QAT pipeline; return the final metrics and the trained networks.
 
     ``checkpoint_dir``: where ``last.pt`` is written after every epoch (atomically); with
-    ``resume=True`` training continues from it. Returns final metrics: validation and test
+    ``resume=True`` training continues from it (a :class:`GranqError` when there is none, see
+    :func:`check_checkpoint_dir`). Returns final metrics: validation and test
     top-1 of the final student and of the best-validation student, the teacher's, drops
     against full precision (points), efficiency figures and timings.
 
@@ -216,13 +231,12 @@ def run_training(
     ``measure_ptq``: evaluate the post-training (pre-QAT) student on validation and test.
     A run stopped early (:class:`StopTraining`) is not evaluated on the test split.
     """
-    if not resume and has_checkpoint(checkpoint_dir):
-        raise GranqError(f"'{checkpoint_dir}' already holds a training checkpoint; pass --resume to "
-                         "continue it or choose another output directory")
+    check_checkpoint_dir(checkpoint_dir, resume)
     reporter = reporter or NullReporter()
     if setup is None:
         setup = build_setup(cfg, device)
-    cfg = resolve_config(cfg)
+    if not is_resolved(cfg):
+        cfg = resolve_config(cfg)
     if (cfg.model, cfg.data) != (setup.cfg.model, setup.cfg.data):
         raise ValueError("run_training: setup was built for another model/data config")
     dev, teacher = setup.device, setup.teacher
@@ -234,7 +248,7 @@ def run_training(
     student, in_shape = build_student(cfg, dev, float_model=teacher)
     for p in student.parameters():
         p.requires_grad_(True)
-    generator = build_generator(cfg, dev)
+    generator = build_generator(cfg, dev, in_shape=in_shape)
     opt_s, opt_g = student_optimizer(cfg, student), generator_optimizer(cfg, generator)
 
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +270,7 @@ def run_training(
     best_state: dict[str, torch.Tensor] | None = None
     ptq: dict[str, float] = {}
     resumed = False
-    if resume and ckpt_dir is not None and (ckpt_dir / LAST).is_file():
+    if resume and has_checkpoint(ckpt_dir):
         state = restore_training_state(ckpt_dir / LAST, student=student, generator=generator, opt_student=opt_s,
                                        opt_generator=opt_g, sampler=sampler)
         start_epoch = int(state["epoch"]) + 1

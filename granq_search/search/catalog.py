@@ -1,6 +1,6 @@
 """The searches of a store (``granq-search searches``): every ``DIR/*/search.json`` summarised.
 
-A search's record (:mod:`granq_search.search.runner`) says its status; its ``outcome`` (Ray
+A search's record (:mod:`granq_search.search.layout`) says its status; its ``outcome`` (Ray
 trials run, Optuna trial states) is written when the driver returns. A record whose outcome is
 missing or older than its status (a running search, a driver that was killed or raised, a
 resumed search) gets its trial states from the Optuna journal instead, read without writing.
@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from granq_search.errors import GranqError
+from granq_search.search.layout import search_order
+from granq_search.search.study import TRIAL_STATES
 
 __all__ = ["SearchSummary", "StoreError", "list_searches", "summarise"]
 
 TERMINAL = ("finished", "exhausted")
 """Statuses only a returning driver writes, together with the outcome."""
 
-STATES = ("complete", "pruned", "fail", "running", "waiting")
+STATES = TRIAL_STATES
 
 
 class StoreError(GranqError):
@@ -64,24 +66,15 @@ def _number(x: Any) -> float | None:
 def _journal_counts(journal: Path, study_name: str) -> dict[str, int]:
     """Trial states of the study in ``journal``, read only (the file must exist)."""
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.trial import TrialState
+
+    from granq_search.search.study import journal_storage, trial_counts
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(journal)))
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        study = optuna.load_study(study_name=study_name, storage=journal_storage(str(journal)))
     except KeyError:
         raise GranqError(f"no Optuna study '{study_name}' in {journal}") from None
-    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "fail",
-             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
-    counts = dict.fromkeys(STATES, 0)
-    trials = study.get_trials(deepcopy=False)
-    for t in trials:
-        counts[names[t.state]] += 1
-    counts["duplicates"] = sum(1 for t in trials if "duplicate_of" in t.user_attrs)
-    return counts
+    return trial_counts(study)
 
 
 def summarise(record_path: Path) -> SearchSummary:
@@ -122,7 +115,8 @@ def summarise(record_path: Path) -> SearchSummary:
 
 def list_searches(output_dir: str | Path) -> list[SearchSummary]:
     """Every search in ``output_dir`` (its ``*/search.json``), oldest first: the last one is
-    :func:`~granq_search.search.runner.latest_search`'s.
+    :func:`~granq_search.search.layout.latest_search`'s (both sort by
+    :func:`~granq_search.search.layout.search_order`).
 
     Raises :class:`StoreError` when ``output_dir`` is not a folder; an empty folder gives [].
     """
@@ -133,4 +127,4 @@ def list_searches(output_dir: str | Path) -> list[SearchSummary]:
     if not root.is_dir():
         raise StoreError(f"'{output_dir}' is a file, not a searches folder; pass --output-dir DIR")
     found = [summarise(p) for p in sorted(root.glob("*/search.json"))]
-    return sorted(found, key=lambda s: (s.created if s.created is not None else 0.0, s.name))
+    return sorted(found, key=lambda s: search_order(s.created, s.name))

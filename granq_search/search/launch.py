@@ -65,9 +65,7 @@ def launch(plan: SearchPlan, *, trainable: Callable[..., Any] | None = None,
            callbacks: Sequence[Any] = ()) -> SearchRun:
     """Connect Ray, write the record, build (or restore) the Tuner and fit it; then close what the
     fit left open (:func:`_close`), also when it raised."""
-    import ray
-
-    from granq_search.search.searcher import open_study
+    from granq_search.search.study import open_study
 
     # before any folder: a refused connection leaves nothing
     from granq_search.user_code import code_roots
@@ -91,15 +89,7 @@ def launch(plan: SearchPlan, *, trainable: Callable[..., Any] | None = None,
         exhausted = bool(study.user_attrs.get("exhausted"))
         if finished and (run.num_trials >= plan.num_samples or exhausted):
             run.status = "exhausted" if exhausted and run.num_trials < plan.num_samples else "finished"
-    except BaseException:
-        if not run.fit_started and run.made_root:  # nothing worth keeping was written
-            shutil.rmtree(plan.paths.root, ignore_errors=True)
-            if run.started_ray:
-                ray.shutdown()
-            raise
-        run.status = "interrupted"
-        raise
-    finally:
+    finally:  # run.status stays "interrupted" when anything above raised
         _close(plan, run)
     return run
 
@@ -109,6 +99,9 @@ def _trial_env() -> dict[str, str]:
     # Trials must not depend on their working directory: Ray propagates this variable to every
     # trial actor (and relative paths were made absolute in the plan).
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0",
+           # Ray's own progress output is off (the legacy engine at verbose 0 prints nothing; the new
+           # one prints headers and per-trial boxes even at verbose 0); the status table replaces it
+           "RAY_AIR_NEW_OUTPUT": "0",
            # Ray snapshots the experiment (trials, searcher) every ~10 s by default; trials a killed
            # driver started after the last snapshot are unknown to Ray on --resume (the searcher
            # then proposes their parameters again). A short period keeps that gap small.
@@ -120,9 +113,6 @@ def _trial_env() -> dict[str, str]:
            # the other epochs' reports carry no val_top1, which ASHA skips and the searcher and
            # recorder accept; Ray's check that every report names the scheduler metric is off
            "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
-    # Ray's own progress output is off (the legacy engine at verbose 0 prints nothing; the new one
-    # prints headers and per-trial boxes even at verbose 0); the status table replaces it
-    env["RAY_AIR_NEW_OUTPUT"] = "0"
     return env
 
 
@@ -134,7 +124,8 @@ def _tuner(plan: SearchPlan, run: SearchRun, table: Any, trainable: Callable[...
     from granq_search.search.costs import EfficiencyCost
     from granq_search.search.resume import replayable_results, restored_recorder
     from granq_search.search.scheduler import asha_for, eval_epochs
-    from granq_search.search.searcher import OptunaSearcher, open_study
+    from granq_search.search.searcher import OptunaSearcher
+    from granq_search.search.study import open_study
     from granq_search.search.trainable import make_trainable
 
     space, paths, name = plan.space, plan.paths, plan.name
@@ -191,7 +182,7 @@ def _new_record(plan: SearchPlan) -> dict[str, Any]:
         "name": plan.name,
         "created": time.time(),
         "space_file": space.source,
-        "objectives": [{"metric": o.metric, "mode": o.mode} for o in space.objectives],
+        "objectives": space.objective_records,
         "space": space.to_record(),
         "base_config": to_dict(space.base),
         "search_config": to_dict(space.search_base),
@@ -220,28 +211,34 @@ def _recorder(plan: SearchPlan, trials: TrialConfig):
         tracking_uri=plan.tracking_uri, experiment_name=plan.experiment, search_name=plan.name,
         searched=list(space.parameters),
         parent_tags={
-            "granq.space_file": space.source,
-            "granq.pinned": json.dumps(dict(getattr(space, "pinned", {}) or {}), default=str),
-            TAG.SPACE_RECORD: space_record_text(space),  # what export rebuilds
+            TAG.SPACE: space.source,
+            TAG.PINNED: json.dumps(dict(space.pinned), default=str),
+            # what export rebuilds; made (and its size checked) by plan.validate
+            TAG.SPACE_RECORD: plan.space_text if plan.space_text is not None else space_record_text(space),
             TAG.SEARCH_DIR: str(plan.paths.root),
             "granq.ray_path": plan.ray_path,
             TAG.TRIAL_THREADS: str(threads_for_cpus(plan.cpus_per_trial)),
         },
-        objectives=[{"metric": o.metric, "mode": o.mode} for o in space.objectives],
+        objectives=space.objective_records,
         trial_config=trials,
         finish_wait_s=FINISH_WAIT_S,
     )
 
 
 def _close(plan: SearchPlan, run: SearchRun) -> None:
-    """After a fit (or a failed launch of a search that existed before): no Optuna trial left
-    RUNNING, Ray shut down when this launch started it, the record's status, the recorder's
-    parent run closed."""
+    """The end of a launch, also of one that raised. A launch that made the search's folder but
+    never started the fit leaves nothing behind (the folder removed, Ray shut down when this
+    launch started it). Otherwise, after a fit (or a failed launch of a search that existed
+    before): no Optuna trial left RUNNING, Ray shut down when this launch started it, the
+    record's status, the recorder's parent run closed."""
     import ray
 
     from granq_search.search.resume import close_running_trials
 
-    if not (run.fit_started or not run.made_root):
+    if run.made_root and not run.fit_started:  # nothing worth keeping was written
+        shutil.rmtree(plan.paths.root, ignore_errors=True)
+        if run.started_ray:
+            ray.shutdown()
         return
     closed = close_running_trials(str(plan.paths.journal), plan.name)
     if closed and run.status != "interrupted":
@@ -280,10 +277,11 @@ def _connect(address: str | None, progress: bool, *, dashboard: bool = False,
         return False, None
     init: dict[str, Any] = {"log_to_driver": bool(progress), "configure_logging": True,
                             "logging_level": "WARNING",
-                            "runtime_env": {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}}
-    # the trial processes' Ray logger at WARNING too (Ray logs one INFO line per checkpoint)
-    init["runtime_env"].setdefault("env_vars", {}).setdefault(
-        "RAY_LOGGER_LEVEL", os.environ.get("RAY_LOGGER_LEVEL", "warning"))
+                            "runtime_env": {"env_vars": {
+                                "RAY_CHDIR_TO_TRIAL_DIR": "0",
+                                # the trial processes' Ray logger at WARNING too (Ray logs one INFO
+                                # line per checkpoint)
+                                "RAY_LOGGER_LEVEL": os.environ.get("RAY_LOGGER_LEVEL", "warning")}}}
     if address is None:
         init["include_dashboard"] = bool(dashboard)
         if code_paths:
@@ -326,19 +324,17 @@ def _status_table(space: SearchSpace, name: str, num_samples: int, interval_s: f
     from granq_search.search.status import StatusTable
 
     epochs = None if "train.epochs" in space.parameters else int(space.search_base.train.epochs)
-    return StatusTable(name=name, objectives=[{"metric": o.metric, "mode": o.mode} for o in space.objectives],
+    return StatusTable(name=name, objectives=space.objective_records,
                        params=list(space.parameters), num_samples=num_samples, epochs=epochs, interval_s=interval_s)
 
 
 def _replace_status_table(tuner: Any, table: Any) -> None:
     """A restored Tuner brings back the status table of the run before (Ray pickles callbacks):
     swap it for this run's (or drop it with ``progress`` off)."""
+    from granq_search.search.resume import restored_callbacks
     from granq_search.search.status import StatusTable
 
-    try:
-        callbacks = tuner._local_tuner.get_run_config().callbacks
-    except Exception:  # noqa: BLE001 - Ray Client, or Ray's internals moved
-        return
+    callbacks = restored_callbacks(tuner)
     if callbacks is None:
         return
     callbacks[:] = [cb for cb in callbacks if not isinstance(cb, StatusTable)]

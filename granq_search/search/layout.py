@@ -22,7 +22,7 @@ from typing import Any
 from granq_search.errors import GranqError, SearchSpaceError
 
 __all__ = ["SearchError", "SearchPaths", "default_space_dir", "resolve_space_arg", "read_search_record",
-           "latest_search", "write_record"]
+           "latest_search", "search_order", "write_record"]
 
 
 class SearchError(GranqError):
@@ -101,8 +101,15 @@ def read_search_record(path: Path) -> dict[str, Any]:
         raise SearchError(f"cannot read '{path}' ({e}); it is not a granq_search search folder") from None
 
 
+def search_order(created: float | None, name: str) -> tuple[float, str]:
+    """The sort key of the searches of a folder, oldest first: when the search started (its
+    record's ``created``; None: 0), then its name. :func:`latest_search` is the last in this order,
+    and ``granq-search searches`` (:func:`~granq_search.search.catalog.list_searches`) lists them in it."""
+    return (created if created is not None else 0.0, name)
+
+
 def latest_search(output_dir: Path) -> str:
-    """Name of the most recently started search in ``output_dir``."""
+    """Name of the most recently started search in ``output_dir`` (the last in :func:`search_order`)."""
     found = []
     if output_dir.is_dir():
         for rec in output_dir.glob("*/search.json"):
@@ -110,7 +117,7 @@ def latest_search(output_dir: Path) -> str:
                 created = float(json.loads(rec.read_text(encoding="utf-8")).get("created", 0))
             except (OSError, ValueError):
                 created = rec.stat().st_mtime
-            found.append((created, rec.parent.name))
+            found.append(search_order(created, rec.parent.name))
     if not found:
         raise SearchError(f"no search to resume in '{output_dir}'; pass --name NAME and --output-dir DIR of "
                           "an earlier search")

@@ -60,31 +60,17 @@ def _pareto(study, space: SearchSpace) -> list[dict[str, Any]]:
     return out
 
 
-def _counts(study) -> dict[str, int]:
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "fail",
-             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
-    counts = {v: 0 for v in names.values()}
-    for t in trials:
-        counts[names[t.state]] += 1
-    counts["duplicates"] = sum(1 for t in trials if "duplicate_of" in t.user_attrs)
-    return counts
-
-
-
 def finalise(plan: SearchPlan, run: SearchRun, *, started: float, leaderboard_top: int = 5) -> SearchOutcome:
     """The outcome of a launched search (``started``: its ``time.time()`` at the call); with
     tracking and a complete trial, also its leaderboard, ``best.yaml`` and importances (a failure
     of these is a note, not an error). The outcome is written to the record."""
-    from granq_search.search.searcher import open_study
+    from granq_search.search.study import open_study, trial_counts
     from granq_search.tracking import redact_uri
 
     paths, name, uri, notes = plan.paths, plan.name, plan.tracking_uri, run.notes
     study, _ = open_study(plan.space, str(paths.journal), name)
     outcome = SearchOutcome(
-        name=name, path=str(paths.root), status=run.status, num_trials=run.num_trials, counts=_counts(study),
+        name=name, path=str(paths.root), status=run.status, num_trials=run.num_trials, counts=trial_counts(study),
         pareto=_pareto(study, plan.space), objectives=run.record["objectives"], ray_path=plan.ray_path,
         journal=str(paths.journal), tracking_uri=redact_uri(uri) if uri else "", wall_time_s=time.time() - started,
         experiment=plan.experiment if plan.experiment is not None else "",

@@ -24,12 +24,12 @@ from typing import Any
 
 from granq_search.config import ExperimentConfig, get_path, with_overrides
 from granq_search.search.layout import SearchError, SearchPaths, latest_search, read_search_record, resolve_space_arg
-from granq_search.search.space import SearchSpace, load_space, space_from_record
+from granq_search.search.preflight import URI_SCHEME, parse_ray_address
+from granq_search.search.space import SearchSpace, load_space, space_from_record, space_record_text
 
 __all__ = ["SearchPlan", "validate", "plan_teacher"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ class SearchPlan:
     tracking: bool
     dashboard: bool
     status_interval_s: float
+    space_text: str | None = None
+    """The space as the MLflow parent run records it (:func:`~granq_search.search.space.space_record_text`;
+    None without tracking): made here, so that a space too large to record fails before anything starts."""
     teacher_state: Mapping[str, Any] = field(default_factory=dict)
     teacher_sha: str | None = None
     teacher_source: str = ""
@@ -99,7 +102,7 @@ def validate(
     teacher not yet loaded (:func:`plan_teacher`). Raises :class:`SearchError` (or the space's and
     the tracking store's own errors) and creates nothing."""
     output = Path(output_dir).expanduser().resolve()
-    _check_address(address)
+    parse_ray_address(address)  # the address's form only: the cluster is probed in _preflight
     if resume:
         if space is not None:
             raise SearchError("a resumed search keeps the space it started with; drop --space")
@@ -141,6 +144,7 @@ def validate(
         storage_arg = storage_path
         record = {}
     _check_numbers(num_samples, max_concurrent, float(cpus_per_trial), float(gpus_per_trial))
+    space_text = space_record_text(the_space) if tracking else None
     ray_storage, ray_name = _storage(storage_arg, paths)
     ray_path = f"{ray_storage}/{ray_name}"
     _preflight(address, storage_arg, ray_storage, output, dashboard=dashboard)
@@ -156,12 +160,12 @@ def validate(
     if resume and store is not None and store.experiment != kept["experiment"]:
         raise SearchError(f"search '{name}' is recorded in MLflow experiment '{kept['experiment']}'; a resumed "
                           "search keeps its experiment: drop --experiment")
-    if store is not None and progress:
-        print(f"search {name}: {store.describe()}", file=sys.stderr)
     if resume and tracking and record.get("tracking_uri") and uri != record["tracking_uri"]:
         # the MLflow callback restored from Ray's tuner.pkl keeps writing to the first store
         raise SearchError(f"search '{name}' is recorded at {redact_uri(record['tracking_uri'])}; a resumed search "
                           "keeps its tracking store: drop --tracking-uri")
+    if store is not None and progress:
+        print(f"search {name}: {store.describe()}", file=sys.stderr)
     if resume:
         from ray.tune import Tuner
 
@@ -174,7 +178,7 @@ def validate(
         address=address, storage_arg=storage_arg, ray_storage=ray_storage, ray_name=ray_name,
         tracking_uri=uri, experiment=store.experiment if store is not None else None,
         trial_base=_abs_paths(the_space.search_base, local=address is None), progress=progress,
-        tracking=tracking, dashboard=dashboard, status_interval_s=status_interval_s,
+        tracking=tracking, dashboard=dashboard, status_interval_s=status_interval_s, space_text=space_text,
     )
 
 
@@ -206,7 +210,7 @@ def _abs_paths(cfg: ExperimentConfig, *, local: bool) -> ExperimentConfig:
     changes = {}
     for path in ("data.root", "model.checkpoint"):
         value = get_path(cfg, path)
-        if isinstance(value, str) and value and not _URI.match(value) and not os.path.isabs(value):
+        if isinstance(value, str) and value and not URI_SCHEME.match(value) and not os.path.isabs(value):
             p = Path(value).expanduser()
             if local or p.exists():
                 changes[path] = str(p.resolve())
@@ -224,22 +228,11 @@ def _check_numbers(num_samples: int, max_concurrent: int, cpus: float, gpus: flo
         raise SearchError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {gpus}")
 
 
-def _check_address(address: str | None) -> None:
-    if address is None or address == "auto":
-        return
-    if address.startswith("ray://") or re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d+$", address):
-        return
-    from granq_search.tracking.uri import redact_uri
-
-    raise SearchError(f"--address {redact_uri(address)!r} is not a Ray address; use auto, HOST:PORT or "
-                      "ray://HOST:PORT")
-
-
 def _storage(storage_path: str | None, paths: SearchPaths) -> tuple[str, str]:
     """(Ray storage_path, experiment name)."""
     if storage_path is None:
         return str(paths.root), "ray"
-    if _URI.match(storage_path):
+    if URI_SCHEME.match(storage_path):
         return storage_path.rstrip("/"), paths.name
     return str(Path(storage_path).expanduser().resolve()), paths.name
 

@@ -28,7 +28,7 @@ from granq_search.errors import GranqError
 from granq_search.tracking.uri import redact_uri
 
 __all__ = ["PreflightError", "RayEndpoint", "parse_ray_address", "probe_ray_address", "check_writable_dir",
-           "CONNECT_TIMEOUT_S", "ANSWER_TIMEOUT_S"]
+           "URI_SCHEME", "CONNECT_TIMEOUT_S", "ANSWER_TIMEOUT_S"]
 
 CONNECT_TIMEOUT_S = 5.0
 """Seconds a TCP connect to the cluster may take."""
@@ -39,7 +39,8 @@ ANSWER_TIMEOUT_S = 5.0
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS frame, stream 0
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})$")
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+"""A URI (``s3://``, ``file://``, ...) rather than a local path."""
 
 
 class PreflightError(GranqError):
@@ -140,7 +141,7 @@ def probe_ray_address(address: str | None, *, connect_timeout_s: float = CONNECT
 def check_writable_dir(path: str, flag: str) -> None:
     """Raise :class:`PreflightError` naming ``path`` unless it is a writable directory or can be
     created as one. URIs other than ``file://`` are not checked. Creates nothing."""
-    if _URI.match(path):
+    if URI_SCHEME.match(path):
         if not path.startswith("file://"):
             return
         path = path[len("file://"):]

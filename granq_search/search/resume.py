@@ -32,8 +32,8 @@ snapshot may be up to a second older than the journal and MLflow. ``--resume``
    original, or is told the original's outcome when that ended; one never given to Ray (no
    ``ray_trial_id``) is told FAIL (:data:`LOST_REASON`); any other is an *orphan*, adopted by
    the next new Ray trial (:meth:`OrphanAdoption._adopt`: the same parameters and Optuna trial,
-   the old id kept in ``lost_ray_trial_ids``). The study is reopened lazily with its sampler
-   reseeded (``seed + number of trials``), so proposals continue rather than repeat. A Ray
+   the old id kept in ``lost_ray_trial_ids``). The study is reopened lazily, its sampler
+   reseeded (:func:`~granq_search.search.study.open_study`). A Ray
    trial that finishes after its Optuna trial was closed (interrupted, then resumed) is
    recorded as a new Optuna trial with ``resumed_from``; FAILs that another try may cure
    (:func:`error_state`) are proposed and trained again, not copied to duplicates.
@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from granq_search.search.space import SearchSpace
 
 __all__ = ["close_running_trials", "replayable_results", "replay_finished", "restored_recorder",
-           "error_state", "OrphanAdoption", "LOST_REASON", "INTERRUPTED_REASON"]
+           "restored_callbacks", "error_state", "OrphanAdoption", "LOST_REASON", "INTERRUPTED_REASON"]
 
 log = logging.getLogger("granq_search.search.searcher")  # the searcher's messages, as before the move
 
@@ -151,16 +151,22 @@ def replay_finished(replay: Mapping[str, Mapping[str, Any]] | None) -> bool:
 # --------------------------------------------------------------------------- the MLflow recorder
 
 
+def restored_callbacks(tuner) -> list | None:
+    """The list of callbacks a restored Tuner unpickled from ``tuner.pkl`` (the very list its run
+    calls, so it can be edited in place), or None where it cannot be reached (Ray Client, or
+    Ray's internals moved)."""
+    try:
+        return tuner._local_tuner.get_run_config().callbacks
+    except Exception:  # noqa: BLE001 - Ray Client, or Ray's internals moved
+        return None
+
+
 def restored_recorder(tuner, fallback):
     """The :class:`~granq_search.tracking.SearchRecorder` Ray unpickled from ``tuner.pkl`` (the one
     its callbacks call), or ``fallback`` where it cannot be reached (Ray Client)."""
     if fallback is None:
         return None
-    try:
-        callbacks = tuner._local_tuner.get_run_config().callbacks or []
-    except Exception:  # noqa: BLE001 - Ray Client, or Ray's internals moved
-        return fallback
-    for cb in callbacks:
+    for cb in restored_callbacks(tuner) or []:
         if type(cb) is type(fallback) and getattr(cb, "search_name", None) == fallback.search_name:
             cb.finish_wait_s = fallback.finish_wait_s
             cb.resumed = True  # even when Ray's snapshot held no trial yet

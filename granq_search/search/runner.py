@@ -1,14 +1,5 @@
 """The search driver: :func:`run_search` validates, plans, launches and finalises a search.
 
-Layout of a search (``--output-dir DIR --name NAME``, docs/ARCHITECTURE.md)::
-
-    DIR/NAME/search.json             name, space, objectives, base config, status
-    DIR/NAME/ray/                    Ray Tune experiment (--storage-path P: P/NAME instead)
-    DIR/NAME/optuna.journal          Optuna study (the driver is its only writer)
-    DIR/NAME/scheduler_state.json    ASHA rung records
-    DIR/NAME/best.yaml               exported best config
-    DIR/mlflow.db                    MLflow store of every search in DIR (default --tracking-uri)
-
 Order of work in :func:`run_search`, one module a step:
 
 1. validate (:func:`~granq_search.search.plan.validate`): every check a user can fail (space file,
@@ -24,7 +15,8 @@ Order of work in :func:`run_search`, one module a step:
 4. finalise (:func:`~granq_search.search.outcome.finalise`): the outcome, the leaderboard, the
    best configuration exported to ``best.yaml``, the importances, the record's ``outcome``.
 
-The folder layout and the record's reading and writing are in :mod:`~granq_search.search.layout`.
+The folder layout (``DIR/NAME/search.json``, ``ray/``, ``optuna.journal``, ...) and the record's reading
+and writing are in :mod:`~granq_search.search.layout`.
 """
 
 from __future__ import annotations
@@ -34,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from granq_search.search.launch import FINISH_WAIT_S, SNAPSHOT_PERIOD_S, launch
+from granq_search.search.launch import launch
 from granq_search.search.layout import (
     SearchError,
     SearchPaths,
@@ -48,7 +40,7 @@ from granq_search.search.plan import plan_teacher, validate
 from granq_search.search.space import SearchSpace, TrialConfig
 
 __all__ = ["run_search", "SearchOutcome", "SearchPaths", "latest_search", "read_search_record",
-           "default_space_dir", "resolve_space_arg", "SearchError", "SNAPSHOT_PERIOD_S", "FINISH_WAIT_S"]
+           "default_space_dir", "resolve_space_arg", "SearchError"]
 
 
 def run_search(

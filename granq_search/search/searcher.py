@@ -36,8 +36,8 @@ and pays twice for duplicate proposals. This searcher:
   is recorded as a new Optuna trial with ``resumed_from``.
 
 The objects pickle without the study (Ray pickles the searcher into ``tuner.pkl``); the study is
-reopened lazily from the journal, with the sampler reseeded by ``seed + number of trials`` so
-that a resumed search does not replay the proposals it already made.
+reopened lazily from the journal, its sampler reseeded
+(:func:`~granq_search.search.study.open_study`).
 """
 
 from __future__ import annotations

@@ -137,6 +137,11 @@ class SearchSpace:
     def metrics(self) -> list[str]:
         return [o.metric for o in self.objectives]
 
+    @property
+    def objective_records(self) -> list[dict[str, str]]:
+        """``[{"metric": ..., "mode": ...}, ...]``: the objectives as records and callbacks take them."""
+        return [{"metric": o.metric, "mode": o.mode} for o in self.objectives]
+
     def distributions(self) -> dict[str, Any]:
         return {p: spec.distribution() for p, spec in self.parameters.items()}
 
@@ -170,7 +175,7 @@ class SearchSpace:
             "raw": self.raw,
             "base_config": to_dict(self.base),
             "set_overrides": dict(self.set_overrides),
-            "objectives": [{"metric": o.metric, "mode": o.mode} for o in self.objectives],
+            "objectives": self.objective_records,
             "fidelity": dict(self.fidelity),
             "parameters": {p: s.to_record() for p, s in self.parameters.items()},
             "constraints": dict(self.constraints),

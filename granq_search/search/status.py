@@ -23,6 +23,8 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from granq_search.tracking.table import si_text
+
 __all__ = ["StatusTable", "TrialRow", "render_status", "short_param_names"]
 
 _RAY_STATE = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "error"}
@@ -48,20 +50,13 @@ def short_param_names(paths: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
 def _value(metric: str, x: Any) -> str:
     if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(float(x)):
         return "-"
     if metric.endswith(("top1", "top5", "drop")):
         return f"{x:.2f}"
     if abs(x) >= 1e4:
-        return _si(float(x))
+        return si_text(float(x))
     return f"{x:.4g}"
 
 
@@ -164,11 +159,13 @@ class StatusTable(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._changed = True
 
+    def _kept(self, result: Mapping[str, Any]) -> dict[str, Any]:
+        """What the table keeps of a result: epoch, final, failure_reason and the objectives."""
+        keys = ("epoch", "final", "failure_reason", *(o["metric"] for o in self.objectives))
+        return {k: result[k] for k in keys if k in result and result[k] is not None}
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        seen = self._latest.setdefault(trial.trial_id, {})
-        for key in ("epoch", "final", "failure_reason", *(o["metric"] for o in self.objectives)):
-            if key in result and result[key] is not None:
-                seen[key] = result[key]
+        self._latest.setdefault(trial.trial_id, {}).update(self._kept(result))
         self._changed = True
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -186,11 +183,19 @@ class StatusTable(Callback):
 
     # ---------------------------------------------------------------- table
 
+    def _seen(self, trial: Any) -> dict[str, Any]:
+        """The trial's latest values: as reported to this table, else (a trial that ended before a
+        ``--resume`` made this table, and so reports nothing new) Ray's ``trial.last_result``."""
+        seen = self._latest.get(trial.trial_id)
+        if seen is None:
+            seen = self._kept(getattr(trial, "last_result", None) or {})
+        return seen
+
     def _state(self, trial: Any) -> str:
         status = str(getattr(trial, "status", "") or "")
         if status != "TERMINATED":
             return _RAY_STATE.get(status, status.lower() or "?")
-        seen = self._latest.get(trial.trial_id, {})
+        seen = self._seen(trial)
         if seen.get("failure_reason"):
             return "failed"
         return "finished" if seen.get("final") == 1.0 else "pruned"
@@ -198,7 +203,7 @@ class StatusTable(Callback):
     def rows(self, trials: Sequence[Any]) -> list[TrialRow]:
         out = []
         for t in trials:
-            seen = self._latest.get(t.trial_id, {})
+            seen = self._seen(t)
             epoch = seen.get("epoch")
             out.append(TrialRow(
                 trial=str(t.trial_id)[:8], state=self._state(t),

@@ -5,8 +5,7 @@ The study lives in ``DIR/NAME/optuna.journal``
 with the space's ``directions``, metric names (``study.metric_names``: the objectives' metrics,
 which optuna-dashboard and Optuna's plots show) and ``initial_points``; every later opening
 (the searcher's, ``--resume``'s, the driver's summary) checks the directions and reseeds the
-sampler by ``seed + number of trials`` so that a reopened study continues rather than repeats
-its proposals.
+sampler (:func:`open_study`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,10 @@ from granq_search.errors import SearchSpaceError
 if TYPE_CHECKING:
     from granq_search.search.space import SearchSpace
 
-__all__ = ["open_study", "make_sampler", "journal_storage"]
+__all__ = ["open_study", "make_sampler", "journal_storage", "trial_counts", "TRIAL_STATES"]
+
+TRIAL_STATES = ("complete", "pruned", "fail", "running", "waiting")
+"""The Optuna trial states :func:`trial_counts` counts, in its order."""
 
 
 def make_sampler(space: SearchSpace, seed_offset: int = 0):
@@ -37,6 +39,21 @@ def journal_storage(journal_path: str):
     from optuna.storages.journal import JournalFileBackend
 
     return JournalStorage(JournalFileBackend(str(journal_path)))
+
+
+def trial_counts(study) -> dict[str, int]:
+    """The study's trials by state (:data:`TRIAL_STATES`), and ``duplicates``: the trials that
+    are duplicate proposals (``duplicate_of``)."""
+    from optuna.trial import TrialState
+
+    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "fail",
+             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+    trials = study.get_trials(deepcopy=False)
+    counts = dict.fromkeys(TRIAL_STATES, 0)
+    for t in trials:
+        counts[names[t.state]] += 1
+    counts["duplicates"] = sum(1 for t in trials if "duplicate_of" in t.user_attrs)
+    return counts
 
 
 def _name_metrics(study, space: SearchSpace) -> None:

@@ -67,6 +67,7 @@ from ray.tune import Callback
 from granq_search import metrics as M
 from granq_search.config import ExperimentConfig
 from granq_search.tracking.log_redact import redacted_logger
+from granq_search.tracking.mlflow_io import MAX_TAG
 from granq_search.tracking.names import run_name, searched_paths
 from granq_search.tracking.ray_trial import clip_reason, failure_reason, report_step, reported_metrics, stored_results
 from granq_search.tracking.schema import DEFAULT_EXPERIMENT, METRICS, TAG, normalize_objectives
@@ -225,9 +226,14 @@ class SearchRecorder(Callback):
         searched = self._remember(trial)
         proposal = ""
         try:
-            proposal = json.dumps(getattr(trial, "config", {}) or {}, default=str, sort_keys=True)[:5000]
+            proposal = json.dumps(getattr(trial, "config", {}) or {}, default=str, sort_keys=True)
         except (TypeError, ValueError):
             pass
+        if len(proposal) > MAX_TAG:  # cut, it would not be JSON: `export` could not read it
+            log.warning("trial %s: its proposal is %d characters, more than an MLflow tag holds (%d); tag %s "
+                        "not recorded (`export` cannot rebuild this trial's config)", tid, len(proposal), MAX_TAG,
+                        TAG.PROPOSAL)
+            proposal = ""
         ops = [Op("start", tid, {"proposal": proposal, "searched": searched, "config": cfg})]
         recorded = self._writer.runs.parent_tags_now
         if cfg is not None and TAG.TEACHER not in recorded and TAG.TEACHER not in self._requested:
@@ -333,7 +339,7 @@ class SearchRecorder(Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info):
         def body():
             tid = str(trial.trial_id)
-            self._submit(Op("child_tags", tid, {"tags": {"granq.last_error": failure_reason(trial),
+            self._submit(Op("child_tags", tid, {"tags": {TAG.LAST_ERROR: failure_reason(trial),
                                                          TAG.STATUS: "retrying"}}))
 
         self._guard("on_trial_recover", body)
@@ -400,14 +406,15 @@ class SearchRecorder(Callback):
         logged = self._writer.runs.logged_steps(child) if child is not None else set()
         results = stored_results(trial)
         ops: list[Op] = []
+        replayed = 0
         for res in results:
-            step = res.get(M.EPOCH, res.get("training_iteration"))
-            if step is not None and int(step) in logged and res.get(M.FINAL) != 1:
+            if report_step(res) in logged and res.get(M.FINAL) != 1:
                 continue
+            replayed += 1
             ops.extend(self._result_ops(tid, res))
         if ops:
-            log.info("search %s: replaying %d result(s) of trial %s into MLflow", self.search_name,
-                     len(results), tid)
+            log.info("search %s: replaying %d of %d stored result(s) of trial %s into MLflow (%d write(s))",
+                     self.search_name, replayed, len(results), tid, len(ops))
         return ops
 
     def finish(self, status: str = "FINISHED") -> None:

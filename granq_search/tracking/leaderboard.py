@@ -37,7 +37,7 @@ from granq_search.errors import TrackingError
 from granq_search.tracking.pareto import STATUS_ORDER, pareto_mask, rank
 from granq_search.tracking.schema import DEFAULT_EXPERIMENT, TAG, normalize_objectives
 from granq_search.tracking.store import search_runs_all
-from granq_search.tracking.uri import redact_uri, require_existing_store
+from granq_search.tracking.uri import redact_uri, require_existing_store, sqlite_path
 
 __all__ = [
     "Leaderboard",
@@ -69,7 +69,6 @@ class Leaderboard:
     parent_run_id: str
     teacher: dict[str, Any] = field(default_factory=dict)
     """``{"name", "val_top1", "test_top1"}`` when known."""
-    parent_status: str = ""
     tracking_uri: str = ""
     """Redacted."""
     experiment: str = DEFAULT_EXPERIMENT
@@ -79,6 +78,8 @@ class Leaderboard:
     """The configuration columns of ``df`` (dotted paths): the bits, then the searched parameters."""
     searched: list[str] = field(default_factory=list)
     """The dotted paths the search varies, in the space's order."""
+    proposals: dict[str, str] = field(default_factory=dict)
+    """Child run id -> its tag ``granq.proposal`` (JSON of the searched values; what ``export`` reads)."""
 
     def counts(self) -> dict[str, int]:
         c = self.df["status"].value_counts().to_dict() if len(self.df) else {}
@@ -136,7 +137,7 @@ def searched_params(parent_tags: Mapping[str, str], children: Sequence[Any]) -> 
     own = _json_list(parent_tags.get(TAG.SEARCHED))
     if own is not None:
         return own
-    for tag in (TAG.SEARCHED, "granq.proposal"):
+    for tag in (TAG.SEARCHED, TAG.PROPOSAL):
         found: dict[str, None] = {}
         for c in children:
             for path in _json_list(c.data.tags.get(tag)) or []:
@@ -159,8 +160,7 @@ def _typed(column: pd.Series) -> pd.Series:
     return column.astype(object).where(column.notna(), None)
 
 
-def _parents(client, experiment: str, uri: str, where: str):
-
+def _parents(client, experiment: str, where: str):
     if experiment != DEFAULT_EXPERIMENT:
         where = f"{where} (MLflow experiment '{experiment}')"
     exp = client.get_experiment_by_name(experiment)
@@ -178,7 +178,7 @@ def list_searches(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, *, cl
     if client is None:
         require_existing_store(tracking_uri)
         client = _client(tracking_uri)
-    _, runs = _parents(client, experiment, tracking_uri, redact_uri(tracking_uri))
+    _, runs = _parents(client, experiment, redact_uri(tracking_uri))
     return list(dict.fromkeys(r.data.tags.get(TAG.SEARCH, r.info.run_name) for r in runs))
 
 
@@ -189,14 +189,12 @@ def load_runs(tracking_uri: str, search: str | None = None, experiment: str = DE
     Raises TrackingError (one line) for a store without searches, an unknown search (the
     message lists the known ones) or a search without trials. Never creates a store.
     """
-    from granq_search.tracking.uri import sqlite_path
-
     db = sqlite_path(tracking_uri)
     where = str(db.parent) if db is not None else redact_uri(tracking_uri)
     if client is None:
         require_existing_store(tracking_uri)
         client = _client(tracking_uri)
-    exp_id, parents = _parents(client, experiment, tracking_uri, where)
+    exp_id, parents = _parents(client, experiment, where)
     if search is None:
         parent = parents[0]
     else:
@@ -242,9 +240,10 @@ def load_runs(tracking_uri: str, search: str | None = None, experiment: str = DE
     extra = [c for c in df.columns if c not in order]
     df = df[[c for c in order if c in df.columns] + extra]
     return Leaderboard(df=df.reset_index(drop=True), search=name, objectives=objectives,
-                       parent_run_id=parent.info.run_id, teacher=teacher, parent_status=parent.info.status,
-                       tracking_uri=redact_uri(tracking_uri), experiment=experiment, tags=tags, params=params,
-                       searched=searched)
+                       parent_run_id=parent.info.run_id, teacher=teacher, tracking_uri=redact_uri(tracking_uri),
+                       experiment=experiment, tags=tags, params=params, searched=searched,
+                       proposals={c.info.run_id: c.data.tags[TAG.PROPOSAL] for c in children
+                                  if TAG.PROPOSAL in c.data.tags})
 
 
 def _row(run, teacher: Mapping[str, Any], parent_open: bool, params: Sequence[str]) -> dict[str, Any]:

@@ -1,22 +1,25 @@
-"""MLflow client helpers of the ``train`` record: store errors as one line, batches, numbers,
-and :func:`fluent_store` (MLflow's process-wide URIs set for a block, then put back)."""
+"""MLflow client helpers shared by the ``train`` and ``search`` records: store errors as one line,
+batches, numbers, the client and experiment of a store, the params still to write, and
+:func:`fluent_store` (MLflow's process-wide URIs set for a block, then put back)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from granq_search.errors import GranqError, TrackingError
-from granq_search.tracking.uri import redact_text, redact_uri
+from granq_search.tracking.uri import redact_text, redact_uri, sqlite_path
 
-__all__ = ["fluent_store", "store_errors", "one_line", "chunks", "number", "write_tags", "MAX_BATCH", "MAX_TAG",
-           "MAX_REASON"]
+__all__ = ["fluent_store", "store_errors", "one_line", "chunks", "number", "write_tags", "log_tags", "new_params",
+           "open_client", "ensure_experiment", "MAX_BATCH", "MAX_TAG", "MAX_PARAM", "MAX_METRICS", "MAX_REASON"]
 
 MAX_BATCH = 100  # params / tags per log_batch (MLflow's limit)
-MAX_TAG = 8000
+MAX_METRICS = 1000  # metrics per log_batch (MLflow's limit)
+MAX_TAG = 8000  # characters of a tag value
+MAX_PARAM = 6000  # characters of a param value
 MAX_REASON = 500
 
 
@@ -89,12 +92,59 @@ def number(v: Any) -> float | None:
     return None
 
 
+def open_client(uri: str) -> Any:
+    """``MlflowClient(uri)``; the folder of a SQLite store is created first."""
+    from mlflow.tracking import MlflowClient
 
-def write_tags(client: Any, run_id: str, uri: str, tags: Mapping[str, Any]) -> None:
-    """Tags of run ``run_id`` (values cut to MLflow's length) in batches; one TrackingError line on failure."""
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(uri)
+
+
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``: created when missing (artifacts of a SQLite store in
+    ``mlartifacts`` next to the database), restored when deleted. Errors are the caller's to wrap."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        db = sqlite_path(uri)
+        location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except Exception:  # noqa: BLE001 - created by someone else meanwhile
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def new_params(params: Mapping[str, str], existing: Mapping[str, str],
+               on_changed: Callable[[str, str, str], None]) -> dict[str, str]:
+    """The params of ``params`` (values cut to :data:`MAX_PARAM`) not yet in ``existing``; a param
+    already logged with another value is not (MLflow params are immutable): ``on_changed(key,
+    recorded, new)`` is called for it."""
+    new: dict[str, str] = {}
+    for k, v in params.items():
+        v = v[:MAX_PARAM]
+        if k not in existing:
+            new[k] = v
+        elif existing[k] != v:
+            on_changed(k, existing[k], v)
+    return new
+
+
+def log_tags(client: Any, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tags of run ``run_id`` (values cut to :data:`MAX_TAG`) in batches; errors are the caller's."""
     from mlflow.entities import RunTag
 
     items = [RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()]
+    for chunk in chunks(items):
+        client.log_batch(run_id, tags=chunk)
+
+
+def write_tags(client: Any, run_id: str, uri: str, tags: Mapping[str, Any]) -> None:
+    """Tags of run ``run_id`` (values cut to MLflow's length) in batches; one TrackingError line on failure."""
     with store_errors("write tags", uri):
-        for chunk in chunks(items):
-            client.log_batch(run_id, tags=chunk)
+        log_tags(client, run_id, tags)

@@ -71,7 +71,7 @@ def pareto_mask(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]]) -> pd
     mask = np.zeros(len(df), dtype=bool)
     cand = vals[ok]
     idx = np.flatnonzero(ok)
-    for pos, i in enumerate(idx):
+    for i in idx:
         v = vals[i]
         dominated = np.any(np.all(cand <= v, axis=1) & np.any(cand < v, axis=1))
         mask[i] = not dominated

@@ -12,7 +12,7 @@ import pandas as pd
 
 from granq_search import metrics as M
 from granq_search.tracking.names import short_value
-from granq_search.tracking.pareto import pareto_mask
+from granq_search.tracking.pareto import STATUS_ORDER, pareto_mask
 from granq_search.tracking.schema import normalize_objectives
 from granq_search.tracking.table import is_missing, si_text
 
@@ -48,16 +48,14 @@ def plot_pareto(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]], path:
     fig = Figure(figsize=(9, 5.8), dpi=120)
     ax = fig.subplots()
     groups = [
-        ("finished", (status == "finished") & ~front, dict(marker="o", s=36, color="#4C72B0", alpha=0.75,
-                                                            label="finished")),
-        ("pruned", status == "pruned", dict(marker="x", s=30, color="#8C8C8C", alpha=0.8,
-                                             label="pruned (stopped early, not ranked)")),
-        ("running", status.isin(["running", "interrupted"]), dict(marker="o", s=30, facecolors="none",
-                                                                   edgecolors="#8C8C8C",
-                                                                   label="running / interrupted")),
-        ("failed", status == "failed", dict(marker="X", s=40, color="#C44E52", label="failed")),
+        ((status == "finished") & ~front, dict(marker="o", s=36, color="#4C72B0", alpha=0.75, label="finished")),
+        (status == "pruned", dict(marker="x", s=30, color="#8C8C8C", alpha=0.8,
+                                  label="pruned (stopped early, not ranked)")),
+        (status.isin(["running", "interrupted"]), dict(marker="o", s=30, facecolors="none", edgecolors="#8C8C8C",
+                                                        label="running / interrupted")),
+        (status == "failed", dict(marker="X", s=40, color="#C44E52", label="failed")),
     ]
-    for _, mask, style in groups:
+    for mask, style in groups:
         sel = mask & plottable
         if sel.any():
             ax.scatter(x[sel], y[sel], zorder=2, **style)
@@ -106,7 +104,7 @@ def plot_pareto(df: pd.DataFrame, objectives: Sequence[Mapping[str, str]], path:
             M.LATENCY_MS: "latency (ms, log scale)"}
     ax.set_xlabel(nice.get(cost, cost))
     ax.set_ylabel("best validation top-1 (%)" if use_acc else "-(validation drop) (points)")
-    n = {s: int((status == s).sum()) for s in ("finished", "pruned", "failed", "running", "interrupted")}
+    n = {s: int((status == s).sum()) for s in STATUS_ORDER}
     missing = status[~plottable].value_counts()
     not_plotted = ", ".join(f"{n} {s}" for s, n in missing.items())
     counts = ", ".join(f"{v} {k}" for k, v in n.items() if v)

@@ -12,9 +12,15 @@ _PKG_DIR = Path(__file__).resolve().parents[1]
 
 
 def package_version() -> str:
-    import granq_search
+    """The installed distribution's version; ``granq_search.__version__`` when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return granq_search.__version__
+    try:
+        return version("granq_search")
+    except PackageNotFoundError:
+        import granq_search
+
+        return granq_search.__version__
 
 
 def _git(*args: str) -> str | None:

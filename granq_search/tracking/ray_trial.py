@@ -19,6 +19,7 @@ from typing import Any
 
 from granq_search import metrics as M
 from granq_search.tracking.mlflow_io import MAX_REASON
+from granq_search.tracking.uri import redact_text
 
 __all__ = ["failure_reason", "clip_reason", "stored_results", "reported_metrics", "report_step", "MAX_REASON"]
 
@@ -28,8 +29,9 @@ _NAMED_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*: .+")
 
 
 def clip_reason(text: str) -> str:
-    """``text`` on one line (runs of white space as one space), at most :data:`MAX_REASON` chars."""
-    return " ".join(text.split())[:MAX_REASON]
+    """``text`` on one line (runs of white space as one space, URI credentials redacted), at most
+    :data:`MAX_REASON` chars."""
+    return redact_text(" ".join(text.split()))[:MAX_REASON]
 
 
 def _first_exception_line(text: str) -> str:

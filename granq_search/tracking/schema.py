@@ -27,8 +27,6 @@ from granq_search.errors import TrackingError
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
-    "EPOCH_METRICS",
-    "FINAL_METRICS",
     "METRICS",
     "DEFAULT_OBJECTIVES",
     "TAG",
@@ -40,8 +38,6 @@ __all__ = [
 DEFAULT_EXPERIMENT = "granq_search"
 
 # The metric names are defined once, in granq_search.metrics (name, unit, when reported).
-EPOCH_METRICS = M.EPOCH_METRICS
-FINAL_METRICS = M.FINAL_METRICS
 # Every numeric result key recorded in MLflow; Ray's bookkeeping (time_this_iter_s, pid,
 # timestamp, done, training_iteration, ...) is not in it.
 METRICS = M.RECORDED_METRICS
@@ -68,6 +64,11 @@ class TAG:
     TRIAL_THREADS = "granq.trial_threads"
     SEARCHED = "granq.searched"
     PROPOSAL = "granq.proposal"
+    PINNED = "granq.pinned"
+    LAST_ERROR = "granq.last_error"
+    COMMAND_RESUME = "granq.command_resume"
+    PREVIOUS_FAILURE = "granq.previous_failure"
+    RUN_ID = "granq.run_id"
 
 
 class TRAIN_TAG:

@@ -24,11 +24,18 @@ from granq_search import metrics as M
 from granq_search.config import dump_config, flatten
 from granq_search.errors import TrackingError
 from granq_search.tracking.log_redact import redacted_logger
-from granq_search.tracking.mlflow_io import MAX_TAG, chunks
+from granq_search.tracking.mlflow_io import (
+    MAX_METRICS,
+    chunks,
+    ensure_experiment,
+    log_tags,
+    new_params,
+    open_client,
+)
 from granq_search.tracking.provenance import git_commit, git_dirty, package_version
 from granq_search.tracking.schema import TAG, param_value
 from granq_search.tracking.store import find_parent, quote as _quote, search_runs_all, set_terminated
-from granq_search.tracking.uri import redact_argv, sqlite_path
+from granq_search.tracking.uri import redact_argv
 
 __all__ = ["SearchRuns", "Op", "Child", "CLOSING_LABEL"]
 
@@ -96,12 +103,7 @@ class SearchRuns:
     @property
     def client(self):
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            db = sqlite_path(self.tracking_uri)
-            if db is not None:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = open_client(self.tracking_uri)
         return self._client
 
     def apply(self, op: Op) -> None:
@@ -110,27 +112,9 @@ class SearchRuns:
     # --------------------------------------------------------------- finding and creating runs
 
     def _experiment(self) -> str:
-        if self._experiment_id is not None:
-            return self._experiment_id
-        from mlflow.exceptions import MlflowException
-
-        exp = self.client.get_experiment_by_name(self.experiment_name)
-        if exp is None:
-            db = sqlite_path(self.tracking_uri)
-            location = (db.parent / "mlartifacts").as_uri() if db is not None else None
-            try:
-                exp_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
-            except MlflowException:
-                exp = self.client.get_experiment_by_name(self.experiment_name)
-                if exp is None:
-                    raise
-                exp_id = exp.experiment_id
-        else:
-            exp_id = exp.experiment_id
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp_id)
-        self._experiment_id = exp_id
-        return exp_id
+        if self._experiment_id is None:
+            self._experiment_id = ensure_experiment(self.client, self.experiment_name, self.tracking_uri)
+        return self._experiment_id
 
     def _ensure_parent(self) -> str:
         if self.parent_run_id is not None:
@@ -160,21 +144,22 @@ class SearchRuns:
             if TAG.COMMAND not in existing_tags:
                 tags[TAG.COMMAND] = command
             else:
-                tags["granq.command_resume"] = command
+                tags[TAG.COMMAND_RESUME] = command
             if run.info.status != "RUNNING":
                 self.client.update_run(run.info.run_id, status="RUNNING")
         run_id = run.info.run_id
         self._log_tags(run_id, {k: v for k, v in tags.items() if existing_tags.get(k) != v})
         self._log_params(run_id, {k: param_value(v) for k, v in self.parent_params.items()}, existing_params,
                          what="search")
+        # children first: should their query fail, the next call finds the parent again and
+        # retries it (a parent id set before would leave ``children`` empty for good)
+        self._load_children(run_id)
         self.parent_tags_now = {**existing_tags, **tags}
         self.parent_run_id = run_id
-        self._load_children()
         return run_id
 
-    def _load_children(self) -> None:
-        runs = search_runs_all(self.client, [self._experiment()],
-                               f"tags.`{TAG.PARENT}` = {_quote(self.parent_run_id or '')}",
+    def _load_children(self, parent_run_id: str) -> None:
+        runs = search_runs_all(self.client, [self._experiment()], f"tags.`{TAG.PARENT}` = {_quote(parent_run_id)}",
                                order_by=["attributes.start_time ASC"])
         for run in runs:
             tid = run.data.tags.get(TAG.TRIAL_ID)
@@ -209,23 +194,16 @@ class SearchRuns:
         return child
 
     def _log_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()]
-        for chunk in chunks(items):
-            self.client.log_batch(run_id, tags=chunk)
+        log_tags(self.client, run_id, tags)
 
     def _log_params(self, run_id: str, params: Mapping[str, str], existing: dict[str, str], what: str) -> None:
         from mlflow.entities import Param
 
-        new = {}
-        for k, v in params.items():
-            v = v[:6000]
-            if k not in existing:
-                new[k] = v
-            elif existing[k] != v:
-                log.warning("MLflow param %s of %s run %s stays %r (params are immutable); new value %r "
-                            "not recorded", k, what, run_id, existing[k], v)
+        def changed(k: str, old: str, v: str) -> None:
+            log.warning("MLflow param %s of %s run %s stays %r (params are immutable); new value %r "
+                        "not recorded", k, what, run_id, old, v)
+
+        new = new_params(params, existing, changed)
         for chunk in chunks([Param(k, v) for k, v in new.items()]):
             self.client.log_batch(run_id, params=chunk)
             existing.update({p.key: p.value for p in chunk})
@@ -256,11 +234,11 @@ class SearchRuns:
             child.status = "RUNNING"
         tags = {TAG.STATUS: "running"}
         if op.data.get("proposal"):
-            tags["granq.proposal"] = op.data["proposal"]
+            tags[TAG.PROPOSAL] = op.data["proposal"]
         if op.data.get("searched") is not None:
             tags[TAG.SEARCHED] = json.dumps(op.data["searched"])
         if child.tags.get(TAG.FAILURE):
-            tags["granq.previous_failure"] = child.tags[TAG.FAILURE]
+            tags[TAG.PREVIOUS_FAILURE] = child.tags[TAG.FAILURE]
         self._log_tags(child.run_id, {k: v for k, v in tags.items() if child.tags.get(k) != v})
         child.tags.update(tags)
         if child.tags.get(TAG.FAILURE):
@@ -278,7 +256,7 @@ class SearchRuns:
         child = self._child(op.trial_id or "")
         ts, step = op.data["timestamp"], op.data["step"]
         batch = [Metric(k, v, ts, step) for k, v in op.data["metrics"].items()]
-        for chunk in chunks(batch, 1000):
+        for chunk in chunks(batch, MAX_METRICS):
             self.client.log_batch(child.run_id, metrics=chunk)
         if op.data["metrics"].get(M.FINAL) == 1.0:
             child.has_final = True

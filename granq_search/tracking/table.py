@@ -21,6 +21,7 @@ from granq_search.errors import TrackingError
 from granq_search.jsonutil import json_safe
 from granq_search.tracking.leaderboard import BITS_COLUMNS, Leaderboard
 from granq_search.tracking.names import short_labels, short_value
+from granq_search.tracking.schema import TAG
 
 __all__ = ["FORMATS", "format_leaderboard", "si_text", "is_missing"]
 
@@ -76,10 +77,10 @@ def _cell(df_row: Mapping[str, Any], col: str) -> str:
     return short_value(value)
 
 
-def _display_rows(df: pd.DataFrame, reason_width: int | None,
-                  board: Leaderboard | None = None) -> tuple[list[str], list[list[str]], list[bool]]:
-    params = _param_columns(df, board)
-    labels = short_labels(params)
+def _display_rows(df: pd.DataFrame, reason_width: int | None, params: list[str],
+                  labels: Mapping[str, str]) -> tuple[list[str], list[list[str]], list[bool]]:
+    """Headers, cells and which columns are numeric; ``params``: :func:`_param_columns`, ``labels``
+    their short labels."""
     headers = ["rank", "trial", "status", "front", "val top1", "val drop", "test top1", "BitOPs", "KiB",
                "compr", "act KiB", "resid", "W/A"] + [labels[c] for c in params] + ["epochs"]
     numeric = [True, False, False, False, True, True, True, True, True, True, True, True, False] + \
@@ -112,9 +113,7 @@ def _display_rows(df: pd.DataFrame, reason_width: int | None,
     return headers, rows, numeric
 
 
-def _legend(df: pd.DataFrame, board: Leaderboard | None) -> str:
-    params = _param_columns(df, board)
-    labels = short_labels(params)
+def _legend(params: list[str], labels: Mapping[str, str]) -> str:
     pairs = [f"{labels[c]} = {c}" for c in params if labels[c] != c]
     return ("columns: W/A = quant.weight.bits/quant.act.bits" + "".join(f", {p}" for p in pairs)
             + " (CSV and JSON use the dotted names)")
@@ -127,7 +126,7 @@ def _header_lines(board: Leaderboard | None) -> list[str]:
     objs = ", ".join(f"{o['metric']} ({o['mode']})" for o in board.objectives)
     lines = [f"search '{board.search}': {counts}; objectives: {objs}"]
     try:
-        pinned = json.loads(board.tags.get("granq.pinned") or "{}")
+        pinned = json.loads(board.tags.get(TAG.PINNED) or "{}")
     except ValueError:
         pinned = {}
     if isinstance(pinned, Mapping) and pinned:
@@ -143,10 +142,9 @@ def _header_lines(board: Leaderboard | None) -> list[str]:
     return lines
 
 
-def _footer(board: Leaderboard | None, shown: pd.DataFrame, all_trials: bool) -> list[str]:
+def _footer(board: Leaderboard | None, legend: str, all_trials: bool) -> list[str]:
     lines = ["front = * : on the Pareto front (finished trials only); val top-1 is the best epoch's, "
              "test top-1 that student's"]
-    legend = _legend(shown, board)
     if legend:
         lines.append(legend)
     if board is not None and not all_trials:
@@ -177,17 +175,20 @@ def format_leaderboard(board: Leaderboard | pd.DataFrame, fmt: str = "table", *,
         records = df.astype(object).where(df.notna(), None).to_dict(orient="records")
         doc["trials"] = records
         return json.dumps(json_safe(doc), indent=2) + "\n"
-    headers, rows, numeric = _display_rows(df, 60 if fmt == "table" else None, lb)
+    params = _param_columns(df, lb)
+    labels = short_labels(params)
+    headers, rows, numeric = _display_rows(df, 60 if fmt == "table" else None, params, labels)
+    footer = _footer(lb, _legend(params, labels), all_trials)
+    head = _header_lines(lb)
     if fmt == "markdown":
         esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-        out = [f"**{esc(line)}**  " for line in _header_lines(lb)[:1]] + \
-              [f"{esc(line)}  " for line in _header_lines(lb)[1:]]
+        out = [f"**{esc(line)}**  " for line in head[:1]] + [f"{esc(line)}  " for line in head[1:]]
         if out:
             out.append("")
         out.append("| " + " | ".join(headers) + " |")
         out.append("|" + "|".join("---:" if n else ":---" for n in numeric) + "|")
         out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-        for note in _footer(lb, df, all_trials):
+        for note in footer:
             out += ["", esc(note)]
         return "\n".join(out) + "\n"
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
@@ -195,7 +196,7 @@ def format_leaderboard(board: Leaderboard | pd.DataFrame, fmt: str = "table", *,
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric)).rstrip()
 
-    out = _header_lines(lb)
+    out = head
     if out:
         out.append("")
     out.append(line(headers))
@@ -203,6 +204,6 @@ def format_leaderboard(board: Leaderboard | pd.DataFrame, fmt: str = "table", *,
     out += [line(r) for r in rows]
     if not rows:
         out.append("(no finished trials yet)" if not all_trials else "(no trials)")
-    out += [""] + _footer(lb, df, all_trials)
+    out += [""] + footer
     return "\n".join(out) + "\n"
 

@@ -146,7 +146,7 @@ def register_student(client: Any, *, name: str, model_uri: str, final: Mapping[s
         if mv is None:
             mv = mlflow.register_model(model_uri, name)
         tags: dict[str, Any] = {k: final[k] for k in MODEL_VERSION_TAGS if number(final.get(k)) is not None}
-        tags.update({TAG.KIND: "train", "granq.run_id": run_id, TAG.TEACHER: teacher,
+        tags.update({TAG.KIND: "train", TAG.RUN_ID: run_id, TAG.TEACHER: teacher,
                      **{k: v for k, v in lineage.items() if k in (TAG.SEARCH, TAG.TRIAL_ID)}})
         for k, v in tags.items():
             client.set_model_version_tag(name, str(mv.version), k, str(v))

@@ -37,16 +37,26 @@ from granq_search import metrics as M
 from granq_search.config import ExperimentConfig, flatten
 from granq_search.errors import TrackingError
 from granq_search.pipeline.reporter import Reporter
-from granq_search.tracking.mlflow_io import MAX_REASON, chunks, number, one_line, store_errors, write_tags
+from granq_search.jsonutil import write_json_atomic
+from granq_search.tracking.mlflow_io import (
+    MAX_METRICS,
+    MAX_REASON,
+    chunks,
+    ensure_experiment,
+    new_params,
+    number,
+    one_line,
+    open_client,
+    store_errors,
+    write_tags,
+)
 from granq_search.tracking.provenance import git_commit, git_dirty, package_version
 from granq_search.tracking.schema import METRICS, TAG, TRAIN_TAG as T, param_value
 from granq_search.tracking.train_model import log_student, register_student
 from granq_search.tracking.train_target import RUN_FILE, TrainTarget
-from granq_search.tracking.uri import redact_argv, redact_uri, sqlite_path
+from granq_search.tracking.uri import redact_argv, redact_uri
 
 __all__ = ["TrainRun", "run_name"]
-
-MAX_PARAM = 6000
 
 
 def run_name(cfg: ExperimentConfig) -> str:
@@ -84,14 +94,9 @@ class TrainRun(Reporter):
     def open(cls, target: TrainTarget, cfg: ExperimentConfig, *, config_source: str, output_dir: str | Path,
              command: Sequence[str] | None = None) -> TrainRun:
         """Create the run, or reopen ``target.run_id``; tags and params. One-line TrackingError on failure."""
-        from mlflow.tracking import MlflowClient
-
         uri = target.tracking_uri
         with store_errors("open the store", uri):
-            db = sqlite_path(uri)
-            if db is not None:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            client = MlflowClient(uri)
+            client = open_client(uri)
             run, resumed = None, False
             if target.run_id:
                 try:
@@ -109,7 +114,7 @@ class TrainRun(Reporter):
                 existing = dict(run.data.params)
                 count = int(run.data.tags.get(T.RESUMED, "0") or 0) + 1
             else:
-                exp_id = cls._experiment(client, target)
+                exp_id = ensure_experiment(client, target.experiment, uri)
                 run = client.create_run(exp_id, run_name=run_name(cfg))
                 logged, existing, count = set(), {}, 0
             self = cls(client, target, exp_id, run.info.run_id, logged, resumed)
@@ -122,22 +127,6 @@ class TrainRun(Reporter):
             self.abort(err)  # not left RUNNING
             raise
         return self
-
-    @staticmethod
-    def _experiment(client: Any, target: TrainTarget) -> str:
-        exp = client.get_experiment_by_name(target.experiment)
-        if exp is None:
-            db = sqlite_path(target.tracking_uri)
-            location = (db.parent / "mlartifacts").as_uri() if db is not None else None
-            try:
-                return client.create_experiment(target.experiment, artifact_location=location)
-            except Exception:  # noqa: BLE001 - created by someone else meanwhile
-                exp = client.get_experiment_by_name(target.experiment)
-                if exp is None:
-                    raise
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
 
     def _start_tags(self, cfg: ExperimentConfig, config_source: str, output_dir: str | Path,
                     command: Sequence[str] | None, resumed: int) -> dict[str, str]:
@@ -175,9 +164,7 @@ class TrainRun(Reporter):
         path = Path(output_dir) / RUN_FILE
         doc = {"tracking_uri": self.target.tracking_uri, "experiment": self.target.experiment,
                "experiment_id": self.experiment_id, "run_id": self.run_id}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomic(path, doc)
         return path
 
     def describe(self) -> dict[str, Any]:
@@ -192,14 +179,11 @@ class TrainRun(Reporter):
     def _write_params(self, params: Mapping[str, str], existing: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
-        new = []
-        for k, v in params.items():
-            v = v[:MAX_PARAM]
-            if k not in existing:
-                new.append(Param(k, v))
-            elif existing[k] != v:
-                print(f"train: MLflow param {k} of run {self.run_id} stays {existing[k]!r} (params are immutable); "
-                      f"the resumed run uses {v!r}", file=sys.stderr)
+        def changed(k: str, old: str, v: str) -> None:
+            print(f"train: MLflow param {k} of run {self.run_id} stays {old!r} (params are immutable); "
+                  f"the resumed run uses {v!r}", file=sys.stderr)
+
+        new = [Param(k, v) for k, v in new_params(params, existing, changed).items()]
         with store_errors("write params", self.target.tracking_uri):
             for chunk in chunks(new):
                 self.client.log_batch(self.run_id, params=chunk)
@@ -223,7 +207,7 @@ class TrainRun(Reporter):
         try:
             with store_errors("write metrics", self.target.tracking_uri):
                 while self.pending:
-                    chunk = self.pending[:1000]  # MLflow's metrics per batch
+                    chunk = self.pending[:MAX_METRICS]
                     self.client.log_batch(self.run_id, metrics=chunk)
                     del self.pending[:len(chunk)]
         except TrackingError as e:

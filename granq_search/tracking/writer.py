@@ -27,6 +27,7 @@ from typing import Any
 
 from granq_search.errors import TrackingError
 from granq_search.tracking.log_redact import redacted_logger
+from granq_search.tracking.mlflow_io import one_line
 from granq_search.tracking.search_runs import CLOSING_LABEL, Op, SearchRuns
 from granq_search.tracking.uri import redact_text, redact_uri, server_reachable
 
@@ -38,7 +39,7 @@ _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "
 
 
 def _short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
+    return one_line(e)[:300]
 
 
 class SearchWriter:

@@ -154,6 +154,27 @@ def test_the_search_package_runs_a_search_when_called(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
+def test_the_api_search_passes_every_argument_to_the_driver(tmp_path, monkeypatch):
+    """``granq_search.search`` forwards its arguments (also ``experiment`` and ``dashboard``) to
+    ``run_search``, as the command does."""
+    import granq_search.search.runner as runner
+
+    seen = {}
+
+    def fake_run_search(space, **kwargs):
+        seen.update(kwargs, space=space)
+        return "outcome"
+
+    monkeypatch.setattr(runner, "run_search", fake_run_search)
+    assert granq_search.search("digits", overrides={"train.epochs": 2}, name="n", output_dir=str(tmp_path),
+                               num_samples=3, max_concurrent=1, tracking_uri="sqlite:///x.db", experiment="team",
+                               resume=False, progress=False, dashboard=True) == "outcome"
+    assert seen["space"] == "digits" and seen["name"] == "n" and seen["output_dir"] == str(tmp_path)
+    assert (seen["num_samples"], seen["max_concurrent"]) == (3, 1)
+    assert seen["set_overrides"] == {"train.epochs": 2} and seen["tracking_uri"] == "sqlite:///x.db"
+    assert (seen["experiment"], seen["dashboard"], seen["progress"]) == ("team", True, False)
+
+
 def test_code_roots_are_the_folders_the_workers_need(tmp_path, monkeypatch):
     from granq_search.user_code import code_roots, worker_pythonpath
 
@@ -179,3 +200,40 @@ def test_code_roots_are_the_folders_the_workers_need(tmp_path, monkeypatch):
     assert worker_pythonpath(["/x", "/y"], current="rel:/y::/z") == f"/x:/y:{tmp_path / 'rel'}:/z"
     with pytest.raises(ConfigError, match="cannot import 'granq_nothing_xyz'"):
         code_roots(["granq_nothing_xyz:build"])
+
+
+_TINY_TRAIN = {"train.epochs": 3, "train.warmup_epochs": 1, "train.iters_per_epoch": 2, "train.batch_size": 16,
+               "data.max_samples": 120, "generator.channels": 16}
+
+
+def test_train_stopped_by_a_reporter_with_progress_shows_the_stopped_run(capsys):
+    """A reporter's StopTraining with ``progress=True``: no test figures, no KeyError in the
+    summary, and the terminal still shows the epoch after which training stopped."""
+    from granq_search.pipeline.reporter import Reporter, StopTraining
+
+    class StopAfterFirst(Reporter):
+        def on_epoch_end(self, epoch, metrics, checkpoint):
+            raise StopTraining
+
+    result = granq_search.train("digits", overrides=_TINY_TRAIN, device="cpu", progress=True,
+                                reporter=StopAfterFirst())
+    err = capsys.readouterr().err
+    assert result.metrics["stopped_early"] is True and result.metrics["epochs_run"] == 1
+    assert "test_top1" not in result.metrics
+    assert "epoch   1/3" in err and "summary (selection by validation" in err
+    assert "final student val " in err and "drop vs FP (val)" in err
+
+
+def test_train_resume_without_a_checkpoint_is_an_error(tmp_path):
+    from granq_search.errors import GranqError
+
+    missing = tmp_path / "nowhere"
+    with pytest.raises(GranqError, match=r"nothing to resume: '.*nowhere/last\.pt' does not exist"):
+        granq_search.train("digits", overrides=_TINY_TRAIN, device="cpu", checkpoint_dir=missing, resume=True)
+    assert not missing.exists()
+
+
+def test_experiment_config_mapping_errors_do_not_call_it_a_file():
+    with pytest.raises(ConfigError, match="the config mapping has config_version 99") as e:
+        experiment_config({"config_version": 99})
+    assert "file" not in str(e.value)

@@ -81,3 +81,10 @@ def test_cifar_missing_without_download(tmp_path):
                         image_size=32, num_classes=10)
     msg = str(e.value)
     assert msg.startswith(f"CIFAR-10 not found under {tmp_path}") and "data.download=true" in msg
+
+
+def test_every_builtin_dataset_has_a_builder():
+    from granq_search.config import BUILTIN_DATASETS
+    from granq_search.data import datasets
+
+    assert set(datasets._BUILDERS) == set(BUILTIN_DATASETS)

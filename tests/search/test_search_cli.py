@@ -179,3 +179,45 @@ def test_cli_unreachable_cluster_exits_2_without_traceback(tmp_path):
     assert r.returncode == 2 and took < 30, (took, r.stderr[-2000:])
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and address in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_a_space_too_large_to_record_fails_before_any_folder(tmp_path, capsys, good_space, monkeypatch):
+    """The space's MLflow record is made (and its size checked) while the plan is validated, not
+    after Ray started and the search's folder was written."""
+    import granq_search.search.plan as plan
+    from granq_search.search.space import space_record_text
+
+    monkeypatch.setattr(plan, "space_record_text", lambda space: space_record_text(space, limit=100))
+    runs = tmp_path / "runs"
+    rc = main(["search", "--space", str(good_space), "--output-dir", str(runs)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "too large to record on its MLflow run" in err, err
+    assert not runs.exists()
+
+
+def test_leaderboard_hint_names_the_searchs_store_and_experiment(tmp_path, capsys, monkeypatch):
+    """The printed leaderboard command reaches the search's records: a resumed search that kept a
+    store and experiment of its own names them, though no flag gave them this time."""
+    import granq_search.search.runner as runner
+    from granq_search.search.outcome import SearchOutcome
+
+    runs = tmp_path / "runs"
+    default_uri = f"sqlite:///{(runs.resolve() / 'mlflow.db').as_posix()}"
+
+    def outcome(uri: str, experiment: str) -> SearchOutcome:
+        return SearchOutcome(name="s", path=str(runs / "s"), status="finished", num_trials=1,
+                             counts={"complete": 1, "pruned": 0, "fail": 0}, pareto=[], objectives=[], ray_path="",
+                             journal="", tracking_uri=uri, wall_time_s=1.0, experiment=experiment)
+
+    def hint(argv: list[str], result: SearchOutcome) -> str:
+        monkeypatch.setattr(runner, "run_search", lambda *a, **k: result)
+        assert main(["search", "--output-dir", str(runs), *argv]) == 0
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("search folder:")][0]
+        return line.split("(leaderboard: ", 1)[1]
+
+    other = f"sqlite:///{tmp_path}/team.db"
+    assert hint(["--resume", "--name", "s"], outcome(other, "team")) == \
+        f"granq-search leaderboard --output-dir {runs} --search s --tracking-uri {other} --experiment team)"
+    assert hint([], outcome(default_uri, "granq_search")) == f"granq-search leaderboard --output-dir {runs} --search s)"
+    assert hint([], outcome(other, "granq_search")).endswith(f"--search s --tracking-uri {other})")
+    assert hint(["--resume"], outcome(default_uri, "granq_search")).endswith(f"--tracking-uri {default_uri})")

@@ -163,7 +163,26 @@ def test_read_only_dir(tmp_path):
         ro.chmod(0o755)
 
 
+def test_unwritable_dir_even_as_root(tmp_path, monkeypatch):
+    """The refusal path itself, independent of who runs the tests (root ignores 0o555)."""
+    import errno
+
+    from granq_search.search import preflight
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(preflight.tempfile, "mkstemp", refuse)
+    with pytest.raises(PreflightError, match=f"^--storage-path {tmp_path}/x cannot be created \\({tmp_path} is not "
+                                             "writable\\): Permission denied; choose a directory you can write to$"):
+        check_writable_dir(str(tmp_path / "x"), "--storage-path")
+    with pytest.raises(PreflightError, match=f"^--output-dir {tmp_path} is not writable: Permission denied"):
+        check_writable_dir(str(tmp_path), "--output-dir")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_read_only_file_system():
     ro = Path("/proc/granq-search-check")  # procfs takes no new files, not even from root
-    with pytest.raises(PreflightError, match="/proc/granq-search-check"):
+    with pytest.raises(PreflightError, match="^--storage-path /proc/granq-search-check cannot be created "
+                                             "\\(/proc is not writable\\)"):
         check_writable_dir(str(ro), "--storage-path")

@@ -53,3 +53,37 @@ def test_narrow_terminal_and_many_trials():
     assert all(len(line) <= 60 for line in lines[1:] if not line.startswith("("))
     assert lines[-1].startswith("(columns left out for the terminal width:") and "alpha_ds" in lines[-1]
     assert "val_drop" in lines[1] and "bitops" in lines[1]  # objectives are never left out
+
+
+def test_a_trial_that_ended_before_resume_keeps_its_last_result():
+    """After --resume the table is new: a trial Ray had already ended reports nothing more, and
+    is shown from Ray's ``trial.last_result`` (finished, with its epoch and objectives), not as pruned."""
+    from types import SimpleNamespace
+
+    from granq_search.search.status import StatusTable
+
+    table = StatusTable(name="s", objectives=OBJ, params=["quant.act.bits"], num_samples=2, epochs=6)
+    done = SimpleNamespace(trial_id="c3e8590e_1", status="TERMINATED", config={"quant.act.bits": 4},
+                           last_result={"epoch": 6, "final": 1.0, "val_drop": 0.5, "bitops": 2.0e7,
+                                        "val_top1": 90.0, "failure_reason": None})
+    stopped = SimpleNamespace(trial_id="e95c5eb2_2", status="TERMINATED", config={"quant.act.bits": 3},
+                              last_result={"epoch": 2, "val_drop": 7.0})
+    finished, pruned = table.rows([done, stopped])
+    assert (finished.state, finished.epoch, finished.values) == ("finished", 6, {"val_drop": 0.5, "bitops": 2.0e7})
+    assert (pruned.state, pruned.epoch, pruned.values) == ("pruned", 2, {"val_drop": 7.0})
+    # what the table saw itself wins over Ray's last result
+    table.on_trial_result(0, [], done, {"epoch": 5, "val_drop": 1.5})
+    assert table.rows([done])[0].epoch == 5
+
+
+def test_the_dashboard_line_names_the_address_ray_reports():
+    """The success path of ``--dashboard`` (not run here: ray[default] is not installed): the
+    address Ray's context reports becomes a URL; none reported means no URL."""
+    from types import SimpleNamespace
+
+    from granq_search.search.launch import _dashboard_url
+
+    assert _dashboard_url(SimpleNamespace(dashboard_url="127.0.0.1:8265")) == "http://127.0.0.1:8265"
+    assert _dashboard_url(SimpleNamespace(dashboard_url="https://head:8443")) == "https://head:8443"
+    assert _dashboard_url(SimpleNamespace(dashboard_url="")) is None
+    assert _dashboard_url(SimpleNamespace()) is None

@@ -306,3 +306,51 @@ def test_dead_server_never_blocks_the_search(tmp_path):
         rec.finish()
     assert time.monotonic() - t0 < 10
     assert list(tmp_path.iterdir()) == []
+
+
+def test_children_are_found_when_their_first_query_failed(store):
+    rec = make_recorder(store)
+    rec.setup()
+    t = FakeTrial("t1", {"quant.act.bits": 3})
+    _run_trial(rec, t, epochs=1, final=False)
+    child = rec.child_run_id("t1")
+
+    again = make_recorder(store)  # e.g. the recorder of a resumed driver
+    real = again.client.search_runs
+    calls = {"children": 0}
+
+    def flaky(*a, **k):
+        if "mlflow.parentRunId" in str(k.get("filter_string", "")):
+            calls["children"] += 1
+            if calls["children"] == 1:
+                raise ConnectionError("server went away")
+        return real(*a, **k)
+
+    again.client.search_runs = flaky
+    again.setup()  # the parent is found, its children's query fails: the write stays queued
+    assert again.pending == 1 and again.parent_run_id is None and calls["children"] == 1
+    assert again._writer.flush(force=True)
+    assert calls["children"] == 2  # queried again, not skipped because the parent was known
+    assert again.child_run_id("t1") == child
+    assert again._writer.runs.children["t1"].params  # what reconciliation compares against
+
+
+def test_a_long_proposal_is_recorded_whole_or_not_at_all(store, caplog):
+    rec = make_recorder(store)
+    rec.setup()
+    long = FakeTrial("t1", {"quant.act.bits": 3, "note": "x" * 6000})  # > the old 5000-character cut
+    too_long = FakeTrial("t2", {"quant.act.bits": 5, "note": "y" * 9000})  # > an MLflow tag
+    for t in (long, too_long):
+        rec.on_trial_start(0, [t], t)
+    assert rec.pending == 0 and rec.dropped == []
+    by_trial = {c.data.tags[TAG.TRIAL_ID]: c for c in runs_of(store, kind="trial")}
+    assert json.loads(by_trial["t1"].data.tags[TAG.PROPOSAL]) == long.config
+    assert TAG.PROPOSAL not in by_trial["t2"].data.tags  # never a cut, unreadable JSON
+    assert "more than an MLflow tag holds" in caplog.text
+
+
+def test_a_failure_reason_never_holds_credentials():
+    from granq_search.tracking.ray_trial import clip_reason
+
+    reason = clip_reason("ConnectionError: cannot reach https://alice:s3cret@mlflow.example:5000/api\n  retry")
+    assert "s3cret" not in reason and "mlflow.example" in reason and "\n" not in reason

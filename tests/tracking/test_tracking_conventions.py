@@ -68,6 +68,18 @@ def test_leaderboard_and_export_read_the_environment_store_without_flags(env_sto
     assert not out_dir.exists()  # nothing created where the flags would have pointed
 
 
+def test_the_environment_hint_is_only_on_errors_reading_the_store(env_store, tmp_path, monkeypatch, capsys):
+    out_dir = tmp_path / "runs" / "search"
+    # a selection error is not the store's doing: no hint about the environment
+    assert cli(["export", "--output-dir", str(out_dir), "--max-drop", "0.01"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "no finished trial has val_drop <= 0.01" in err and "chosen by" not in err
+    # reading the store is: an unknown search names the variables that chose the store
+    assert cli(["export", "--output-dir", str(out_dir), "--search", "nope"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "no search named 'nope'" in err and "(chosen by $MLFLOW_TRACKING_URI and $MLFLOW_EXPERIMENT_NAME;" in err
+
+
 def test_flags_beat_the_environment(env_store, tmp_path, monkeypatch, capsys, _template_db):
     other = tmp_path / "other"
     other.mkdir()

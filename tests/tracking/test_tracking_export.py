@@ -16,6 +16,7 @@ from granq_search.cli import main as cli_main
 from granq_search.config import ConfigError, from_dict, load_config, split_document, with_overrides
 from granq_search.errors import TrackingError
 from granq_search.export import export_config, plan_export, select_trial
+from granq_search.pipeline.build import resolve_config
 from granq_search.search.space import space_from_record, space_from_text
 from granq_search.tracking import load_runs
 from granq_search.tracking.schema import TAG
@@ -126,6 +127,9 @@ def test_export_reads_no_config_artifact(hand, tmp_path):
     export_config(hand[1], "hand", "trial", trial="t2", output=a)
     export_config(hand[1], "noconf", "trial", trial="t2", output=b)  # its trials logged no config.yaml
     assert load_config(a) == load_config(b)
+    for out in (a, b):
+        assert yaml.safe_load(out.read_text())["provenance"]["config_source"] == \
+            "search space (parent run tag granq.space)"
 
 
 def test_a_search_recorded_before_the_space_tag_is_exported_from_its_search_json(store, tmp_path):
@@ -227,9 +231,10 @@ def test_cli_missing_store_is_not_created(tmp_path, monkeypatch, capsys, command
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_trials_config_artifact_is_what_it_ran_and_export_is_production_config(tmp_path, monkeypatch):
-    """A real 2-trial search (Ray, the product's trainable and recorder; training itself replaced
-    by a report): each child's config.yaml is the config its trial built, relative paths made
-    absolute as the trial used them; the space recorded on the parent run is the one search.json
+    """A real 2-trial search (Ray, the product's trainable and recorder, the pipeline's own config
+    resolution; training itself replaced by a report): each child's config.yaml is the config its
+    trial built, relative paths made absolute as the trial used them, and resolving it (the model's
+    registry defaults, as ``build_setup`` does) gives exactly the config the trainer ran; the space recorded on the parent run is the one search.json
     holds; export is the space's production_config (or trial_config) of the trial's values."""
     pytest.importorskip("ray")
     from mlflow.tracking import MlflowClient
@@ -248,10 +253,11 @@ def test_a_trials_config_artifact_is_what_it_ran_and_export_is_production_config
 
         import granq_search.pipeline.trainer as trainer
         from granq_search.config import dump_config
+        from granq_search.pipeline.build import resolve_config
         from granq_search.search.trainable import train_trial
 
-        def build_setup(cfg, device, **_):
-            return types.SimpleNamespace(cfg=cfg)
+        def build_setup(cfg, device, **_):  # the real resolution; no teacher, no data
+            return types.SimpleNamespace(cfg=resolve_config(cfg))
 
         def run_training(cfg, **_):
             Path(seen, f"{tune.get_context().get_trial_id()}.yaml").write_text(dump_config(cfg))
@@ -296,7 +302,8 @@ def test_a_trials_config_artifact_is_what_it_ran_and_export_is_production_config
         artifact = client.download_artifacts(child.info.run_id, "config.yaml", str(tmp_path / tid))
         logged = from_dict(split_document(yaml.safe_load(open(artifact)), "config.yaml")[0])
         trained = load_config(ran / f"{tid}.yaml")
-        assert logged == trained  # the record's config.yaml is exactly what the trial ran
+        assert logged != trained and trained.model.mean is not None  # the trainer ran the resolved config
+        assert resolve_config(logged) == trained  # ... which the record's config.yaml determines exactly
         assert trained.data.root == str(tmp_path / "rel" / "data")  # made absolute for the trials
 
         values = json.loads(child.data.tags[TAG.PROPOSAL])
@@ -306,6 +313,6 @@ def test_a_trials_config_artifact_is_what_it_ran_and_export_is_production_config
         assert production.cfg.train.epochs == 8 and production.cfg.quant.act.bits == values["quant.act.bits"]
         searched = plan_export(uri, "exact", "trial", trial=tid, production=False)
         assert searched.cfg == space.trial_config(values)
-        assert with_overrides(searched.cfg, {"data.root": trained.data.root}) == trained
+        assert resolve_config(with_overrides(searched.cfg, {"data.root": trained.data.root})) == trained
     best = yaml.safe_load(Path(outcome.best_config).read_text())
     assert best["data"]["root"] == "rel/data" and best["train"]["epochs"] == 8

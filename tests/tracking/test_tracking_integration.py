@@ -60,8 +60,9 @@ def test_real_tune_run_and_restore(ray_local, store, tmp_path):
     tuner = tune.Tuner(trainable,
                        param_space={"mode": tune.grid_search(["finish", "fail", "prune"]), "quant.act.bits": 3},
                        tune_config=tune.TuneConfig(max_concurrent_trials=1), run_config=run_config)
-    tuner.fit()
+    grid = tuner.fit()
     rec.finish()
+    ray_ids = {r.metrics["trial_id"] for r in grid}
 
     (parent,) = runs_of(store, kind="search")
     assert parent.info.status == "FINISHED"
@@ -77,6 +78,8 @@ def test_real_tune_run_and_restore(ray_local, store, tmp_path):
     assert by_mode["finish"].data.params["quant.act.bits"] == "3"
     # named by Ray's trial counter (0-based for a grid search, 1-based with a searcher) and bits
     assert sorted(c.info.run_name for c in children) == ["t00 W4A3", "t01 W4A3", "t02 W4A3"]
+    assert by_mode["finish"].info.run_name == "t00 W4A3"  # the grid's first point
+    assert {c.data.tags[TAG.TRIAL_ID] for c in children} == ray_ids and len(ray_ids) == 3  # how --resume finds them
     for c in children:
         assert "time_this_iter_s" not in c.data.metrics and "prune" not in c.data.metrics
 
